@@ -1,0 +1,1194 @@
+/*
+ * store.c - PostgreSQL access: a bounded pool of libpq connections, the embedded schema
+ * migrations, order lookups and the transactional application of job outcomes (orders,
+ * payments, products.stock and job_log in one transaction).
+ *
+ * Threads: store_create/store_destroy on the loop thread (destroy once no work runs); every
+ * other function blocks and runs on a uv pool thread or in a CLI command. The pool mutex
+ * guards only the slot table; a borrowed PGconn belongs to one thread until it is returned.
+ * Owns: the copied conninfo, the slot table and every PGconn in it.
+ *
+ * SQL: PQexecParams with text parameters only (unnamed statements, so PgBouncer in
+ * transaction pooling works); the one exception is the text of a shipped migration. Every
+ * transaction opens with BEGIN and set_config('statement_timeout', $1, true), which is
+ * SET LOCAL with a parameter. Every write is conditional (status = 'PENDING') or ON CONFLICT,
+ * so running an outcome twice, or retrying after a COMMIT whose answer was lost, is harmless.
+ */
+#include "settle/store.h"
+#include "settle/embedded.h"
+#include "settle/error.h"
+#include "settle/log.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <libpq-fe.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Transaction-level advisory lock that serialises migrations across workers; the key is
+ * "settlemg" read as a big-endian 64-bit integer. */
+#define MIGRATE_LOCK_SQL "SELECT pg_advisory_xact_lock(8315180330393103719)"
+
+/* Default failure_reason of an expired order. */
+#define EXPIRE_REASON_DEFAULT "payment_window_passed"
+
+#define BEGIN_SQL "BEGIN"
+/* Lookups read from one snapshot and can never write by accident. */
+#define BEGIN_READ_SQL "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+struct store_slot {
+    PGconn *conn; /* NULL until first use and after a connection error */
+    bool busy;    /* borrowed by a thread */
+};
+
+struct store {
+    char *conninfo;
+    unsigned pool_size;
+    char statement_timeout[24]; /* milliseconds, the unit set_config assumes */
+    char connect_timeout[24];   /* whole seconds, at least 1 */
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* signalled whenever a slot is returned */
+    struct store_slot *slots;
+};
+
+/* One borrowed connection and the caller's error buffer. */
+struct session {
+    struct store *s;
+    struct store_slot *slot; /* NULL when nothing is borrowed */
+    bool reused;             /* the connection served earlier work and may have died since */
+    bool broken;             /* close the connection when the slot is returned */
+    char *err;
+    size_t err_len;
+};
+
+/* --- Text helpers ---------------------------------------------------------------------------- */
+
+/* Length (1..4) of the valid UTF-8 sequence at s, which has avail bytes; 0 when invalid. */
+static size_t utf8_seq_len(const unsigned char *s, size_t avail)
+{
+    size_t n;
+    uint32_t cp, min;
+
+    if (s[0] < 0x80)
+        return 1;
+    if ((s[0] & 0xE0) == 0xC0) {
+        n = 2;
+        cp = s[0] & 0x1F;
+        min = 0x80;
+    } else if ((s[0] & 0xF0) == 0xE0) {
+        n = 3;
+        cp = s[0] & 0x0F;
+        min = 0x800;
+    } else if ((s[0] & 0xF8) == 0xF0) {
+        n = 4;
+        cp = s[0] & 0x07;
+        min = 0x10000;
+    } else {
+        return 0;
+    }
+    if (avail < n)
+        return 0;
+    for (size_t i = 1; i < n; i++) {
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return n;
+}
+
+/* Copies src into dst (dst_size >= 1 bytes with the NUL), cutting at a UTF-8 character
+ * boundary when it does not fit. Returns true when src was cut. */
+static bool copy_text(char *dst, size_t dst_size, const char *src)
+{
+    size_t n = strlen(src);
+    bool cut = false;
+
+    if (n >= dst_size) {
+        n = dst_size - 1;
+        while (n > 0 && ((unsigned char)src[n] & 0xC0) == 0x80)
+            n--;
+        cut = true;
+    }
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+    return cut;
+}
+
+/* Writes prefix + msg into err as one line: libpq messages end in a newline and may span
+ * several lines, and err goes into logs and the DLQ. */
+static void err_set(char *err, size_t err_len, const char *prefix, const char *msg)
+{
+    size_t n, lead;
+
+    if (err == NULL || err_len == 0)
+        return;
+    snprintf(err, err_len, "%s%s", prefix, msg != NULL ? msg : "");
+    for (char *p = err; *p != '\0'; p++) {
+        if (*p == '\n' || *p == '\r' || *p == '\t')
+            *p = ' ';
+    }
+    n = strlen(err);
+    /* snprintf may have cut a multi-byte character in half; drop the partial tail. */
+    lead = n;
+    while (lead > 0 && n - lead < 4 && ((unsigned char)err[lead - 1] & 0xC0) == 0x80)
+        lead--;
+    if (lead > 0 && (unsigned char)err[lead - 1] >= 0x80 &&
+        utf8_seq_len((const unsigned char *)err + lead - 1, n - lead + 1) == 0)
+        n = lead - 1;
+    while (n > 0 && err[n - 1] == ' ')
+        n--;
+    err[n] = '\0';
+}
+
+/*
+ * A copy of free text that came from outside (gateway reasons, error texts, card types) fit
+ * for a text column: invalid UTF-8 bytes become '?', so PostgreSQL cannot refuse the whole
+ * outcome over one bad byte, and card numbers are masked, so a PAN echoed by a gateway never
+ * reaches the database. NULL in, NULL out; *oom set when the copy could not be made.
+ */
+static char *text_dup_clean(const char *src, bool *oom)
+{
+    size_t len, i = 0;
+    char *dst;
+
+    if (src == NULL)
+        return NULL;
+    len = strlen(src);
+    dst = malloc(len + 1);
+    if (dst == NULL) {
+        *oom = true;
+        return NULL;
+    }
+    while (i < len) {
+        size_t n = utf8_seq_len((const unsigned char *)src + i, len - i);
+        if (n == 0) {
+            dst[i++] = '?';
+            continue;
+        }
+        memcpy(dst + i, src + i, n);
+        i += n;
+    }
+    dst[len] = '\0';
+    log_mask_cards(dst, len);
+    return dst;
+}
+
+/* Parses a decimal integer PostgreSQL returned; SETTLE_EPARSE when it is not one. */
+static int parse_i64(const char *text, int64_t *out)
+{
+    char *end;
+    long long v;
+
+    errno = 0;
+    v = strtoll(text, &end, 10);
+    if (errno != 0 || end == text || *end != '\0')
+        return SETTLE_EPARSE;
+    *out = v;
+    return 0;
+}
+
+/* --- Errors ------------------------------------------------------------------------------------
+ */
+
+/*
+ * Maps a SQLSTATE to the caller's error and says whether the connection must be dropped.
+ * Transient (retry later): connection exceptions (08), server shutdown or restart (57P01..03)
+ * and idle-session kills (57P05), insufficient resources (53), serialization failures and
+ * deadlocks (40001, 40P01), statement timeout or cancel (57014), lock timeout (55P03), and a
+ * read-only transaction (25006: we reached a standby, e.g. during failover; a new connection
+ * may find the new primary). Everything else, constraint violations (23) included, is
+ * permanent.
+ */
+static int sqlstate_classify(const char *state, bool *drop)
+{
+    *drop = false;
+    if (strncmp(state, "08", 2) == 0 || strcmp(state, "57P01") == 0 ||
+        strcmp(state, "57P02") == 0 || strcmp(state, "57P03") == 0 || strcmp(state, "57P05") == 0 ||
+        strcmp(state, "25006") == 0) {
+        *drop = true;
+        return SETTLE_EUNAVAILABLE;
+    }
+    if (strncmp(state, "53", 2) == 0 || strcmp(state, "40001") == 0 ||
+        strcmp(state, "40P01") == 0 || strcmp(state, "57014") == 0 || strcmp(state, "55P03") == 0)
+        return SETTLE_EUNAVAILABLE;
+    return SETTLE_EREJECTED;
+}
+
+/* 0 when res is a success (or, with allow_empty, an empty query); otherwise maps the error
+ * into ss->err, marks the connection broken when it is, and returns the error. */
+static int result_check(struct session *ss, const PGresult *res, bool allow_empty)
+{
+    PGconn *conn = ss->slot->conn;
+    ExecStatusType st = res != NULL ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+    const char *state, *msg;
+    char prefix[32];
+    bool drop;
+    int rc;
+
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || (allow_empty && st == PGRES_EMPTY_QUERY))
+        return 0;
+    state = res != NULL ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    if (state == NULL) {
+        /* No SQLSTATE: libpq itself failed (connection lost, out of memory, protocol). */
+        msg = res != NULL ? PQresultErrorMessage(res) : "";
+        if (msg[0] == '\0')
+            msg = PQerrorMessage(conn);
+        err_set(ss->err, ss->err_len, "postgresql: ", msg);
+        ss->broken = true;
+        return SETTLE_EUNAVAILABLE;
+    }
+    rc = sqlstate_classify(state, &drop);
+    if (drop || PQstatus(conn) != CONNECTION_OK) {
+        ss->broken = true;
+        rc = SETTLE_EUNAVAILABLE;
+    }
+    msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    snprintf(prefix, sizeof(prefix), "SQLSTATE %.5s: ", state);
+    err_set(ss->err, ss->err_len, prefix, msg);
+    return rc;
+}
+
+/* Runs one parameterised statement. On success *out (when not NULL) receives the result,
+ * which the caller clears. */
+static int exec_params(struct session *ss, const char *sql, int n_params, const char *const *params,
+                       PGresult **out)
+{
+    PGresult *res = PQexecParams(ss->slot->conn, sql, n_params, NULL, params, NULL, NULL, 0);
+    int rc = result_check(ss, res, false);
+
+    if (rc == 0 && out != NULL) {
+        *out = res;
+        res = NULL;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* Runs one parameterised write; *rows receives how many rows it changed. */
+static int exec_count(struct session *ss, const char *sql, int n_params, const char *const *params,
+                      int64_t *rows)
+{
+    PGresult *res = NULL;
+    int rc = exec_params(ss, sql, n_params, params, &res);
+
+    if (rc == 0 && parse_i64(PQcmdTuples(res), rows) != 0) {
+        err_set(ss->err, ss->err_len, "postgresql: ", "no row count in the command status");
+        rc = SETTLE_EINTERNAL;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* --- Pool --------------------------------------------------------------------------------------
+ */
+
+/* PostgreSQL notices and warnings (e.g. from a migration) go to the log, not to stderr. */
+static void on_pg_notice(void *arg, const PGresult *res)
+{
+    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    enum log_level level = LOG_LEVEL_INFO;
+
+    if (sev != NULL && strcmp(sev, "WARNING") == 0)
+        level = LOG_LEVEL_WARN;
+    else if (sev != NULL && (strcmp(sev, "DEBUG") == 0 || strcmp(sev, "LOG") == 0))
+        level = LOG_LEVEL_DEBUG;
+    log_write(level, NULL, NULL, "postgresql %s (SQLSTATE %s): %s", sev != NULL ? sev : "NOTICE",
+              state != NULL ? state : "?", msg != NULL ? msg : "");
+}
+
+/* Opens the borrowed slot's connection. The conninfo may be a URI or key=value text
+ * (expand_dbname); it may set its own application_name, but connect_timeout comes from the
+ * configuration and the client encoding is always UTF-8, which is what every string we
+ * send is. The error text is libpq's, which names the host and port but never the
+ * conninfo itself (it may hold a password). */
+static int slot_connect(struct session *ss)
+{
+    static const char *const keys[] = {"application_name", "dbname", "connect_timeout",
+                                       "client_encoding", NULL};
+    const char *values[] = {"settle", ss->s->conninfo, ss->s->connect_timeout, "UTF8", NULL};
+    PGconn *conn = PQconnectdbParams(keys, values, 1);
+    int rc = 0;
+
+    if (conn == NULL) {
+        err_set(ss->err, ss->err_len, "postgresql connect: ", "out of memory");
+        rc = SETTLE_EUNAVAILABLE;
+        goto out;
+    }
+    if (PQstatus(conn) != CONNECTION_OK) {
+        err_set(ss->err, ss->err_len, "postgresql connect: ", PQerrorMessage(conn));
+        PQfinish(conn);
+        rc = SETTLE_EUNAVAILABLE;
+        goto out;
+    }
+    PQsetNoticeReceiver(conn, on_pg_notice, NULL);
+    ss->slot->conn = conn;
+out:
+    return rc;
+}
+
+/* Returns the slot: an abandoned transaction is rolled back, a broken connection closed (the
+ * next borrower reconnects), and one waiting thread is woken. No-op when nothing is held. */
+static void session_close(struct session *ss)
+{
+    struct store_slot *slot = ss->slot;
+    PGconn *conn;
+
+    if (slot == NULL)
+        return;
+    conn = slot->conn;
+    if (conn != NULL && !ss->broken) {
+        PGTransactionStatusType ts = PQtransactionStatus(conn);
+        if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR) {
+            /* ROLLBACK: ends the transaction an error abandoned. */
+            PGresult *res = PQexecParams(conn, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0);
+            if (res == NULL || PQresultStatus(res) != PGRES_COMMAND_OK)
+                ss->broken = true;
+            PQclear(res);
+            ts = PQtransactionStatus(conn);
+        }
+        if (ts != PQTRANS_IDLE)
+            ss->broken = true;
+    }
+    if (conn != NULL && (ss->broken || PQstatus(conn) != CONNECTION_OK)) {
+        PQfinish(conn);
+        slot->conn = NULL;
+    }
+    pthread_mutex_lock(&ss->s->mu);
+    slot->busy = false;
+    pthread_cond_signal(&ss->s->cv);
+    pthread_mutex_unlock(&ss->s->mu);
+    ss->slot = NULL;
+}
+
+/* Borrows a slot, waiting while all are busy, and makes sure it has an open connection. On
+ * failure nothing stays borrowed. session_close is safe either way. */
+static int session_open(struct store *s, struct session *ss, char *err, size_t err_len)
+{
+    struct store_slot *slot = NULL;
+    int rc = 0;
+
+    memset(ss, 0, sizeof(*ss));
+    ss->s = s;
+    ss->err = err;
+    ss->err_len = err_len;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        /* Prefer a free slot that is already connected over opening a new connection. */
+        for (unsigned i = 0; i < s->pool_size; i++) {
+            if (!s->slots[i].busy && (slot == NULL || s->slots[i].conn != NULL)) {
+                slot = &s->slots[i];
+                if (slot->conn != NULL)
+                    break;
+            }
+        }
+        if (slot != NULL)
+            break;
+        pthread_cond_wait(&s->cv, &s->mu);
+    }
+    slot->busy = true;
+    pthread_mutex_unlock(&s->mu);
+
+    ss->slot = slot;
+    if (slot->conn != NULL && PQstatus(slot->conn) == CONNECTION_OK) {
+        ss->reused = true;
+        goto out;
+    }
+    if (slot->conn != NULL) {
+        PQfinish(slot->conn);
+        slot->conn = NULL;
+    }
+    rc = slot_connect(ss);
+    if (rc != 0)
+        session_close(ss);
+out:
+    return rc;
+}
+
+/* Opens a transaction (begin_sql) with the configured statement_timeout. */
+static int tx_begin(struct session *ss, const char *begin_sql)
+{
+    const char *params[1] = {ss->s->statement_timeout};
+    int rc;
+
+    /* BEGIN: opens the transaction. */
+    rc = exec_params(ss, begin_sql, 0, NULL, NULL);
+    if (rc != 0 && ss->broken && ss->reused) {
+        /* A pooled connection can die while idle (server restart, failover, idle timeout).
+         * Nothing has been done yet, so one fresh connection is tried before giving up. */
+        PQfinish(ss->slot->conn);
+        ss->slot->conn = NULL;
+        ss->broken = false;
+        ss->reused = false;
+        rc = slot_connect(ss);
+        if (rc == 0) {
+            /* BEGIN: opens the transaction on the new connection. */
+            rc = exec_params(ss, begin_sql, 0, NULL, NULL);
+        }
+    }
+    if (rc != 0)
+        goto out;
+    /* SET LOCAL statement_timeout = $1 ms, as a function so it can take a parameter. */
+    rc = exec_params(ss, "SELECT set_config('statement_timeout', $1, true)", 1, params, NULL);
+out:
+    return rc;
+}
+
+/* Commits. If the connection dies during COMMIT the outcome is unknown and we report
+ * SETTLE_EUNAVAILABLE; retrying is safe because every write here is idempotent. */
+static int tx_commit(struct session *ss)
+{
+    PGresult *res = NULL;
+    int rc;
+
+    /* COMMIT: makes the transaction's writes durable. */
+    rc = exec_params(ss, "COMMIT", 0, NULL, &res);
+    if (rc == 0 && strcmp(PQcmdStatus(res), "COMMIT") != 0) {
+        /* The server answers ROLLBACK to the COMMIT of a failed transaction; every error is
+         * caught before we get here, so this is a bug. */
+        err_set(ss->err, ss->err_len, "postgresql: ", "transaction rolled back at COMMIT");
+        rc = SETTLE_EINTERNAL;
+    }
+    PQclear(res);
+    return rc;
+}
+
+int store_create(struct store **out, const struct store_config *cfg)
+{
+    struct store *s = NULL;
+    uint64_t connect_s;
+    bool mu_ok = false;
+    int rc = 0;
+
+    if (out == NULL || cfg == NULL || cfg->conninfo == NULL || cfg->pool_size == 0) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    *out = NULL;
+    /* Reject malformed key=value or URI text now, without echoing any of it (it may hold a
+     * password). Like libpq, treat it as a connection string only when it looks like one;
+     * anything else is a database name. */
+    if (strchr(cfg->conninfo, '=') != NULL || strncmp(cfg->conninfo, "postgresql://", 13) == 0 ||
+        strncmp(cfg->conninfo, "postgres://", 11) == 0) {
+        char *perr = NULL;
+        PQconninfoOption *opts = PQconninfoParse(cfg->conninfo, &perr);
+        PQfreemem(perr);
+        if (opts == NULL) {
+            rc = SETTLE_EINVAL;
+            goto out;
+        }
+        PQconninfoFree(opts);
+    }
+    s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    s->pool_size = cfg->pool_size;
+    s->conninfo = strdup(cfg->conninfo);
+    s->slots = calloc(cfg->pool_size, sizeof(*s->slots));
+    if (s->conninfo == NULL || s->slots == NULL) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    snprintf(s->statement_timeout, sizeof(s->statement_timeout), "%" PRIu64,
+             cfg->statement_timeout_ms);
+    connect_s = cfg->connect_timeout_ms / 1000 + (cfg->connect_timeout_ms % 1000 != 0);
+    if (connect_s < 1)
+        connect_s = 1;
+    snprintf(s->connect_timeout, sizeof(s->connect_timeout), "%" PRIu64, connect_s);
+    if (pthread_mutex_init(&s->mu, NULL) != 0) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    mu_ok = true;
+    if (pthread_cond_init(&s->cv, NULL) != 0) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    *out = s;
+    s = NULL;
+out:
+    if (s != NULL) {
+        if (mu_ok)
+            pthread_mutex_destroy(&s->mu);
+        free(s->slots);
+        free(s->conninfo);
+        free(s);
+    }
+    return rc;
+}
+
+void store_destroy(struct store *s)
+{
+    if (s == NULL)
+        return;
+    for (unsigned i = 0; i < s->pool_size; i++) {
+        if (s->slots[i].busy) {
+            fprintf(stderr, "%s:%d: store_destroy while a connection is borrowed\n", __FILE__,
+                    __LINE__);
+            abort();
+        }
+        PQfinish(s->slots[i].conn);
+    }
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->mu);
+    free(s->slots);
+    free(s->conninfo);
+    free(s);
+}
+
+/* --- Migrations --------------------------------------------------------------------------------
+ */
+
+/* The version a migration file name starts with ("001_init.sql" -> 1); -1 when none. */
+static long migration_version(const char *name)
+{
+    char *end;
+    long v;
+
+    if (name[0] < '0' || name[0] > '9')
+        return -1;
+    errno = 0;
+    v = strtol(name, &end, 10);
+    if (errno != 0 || end == name || v > INT_MAX)
+        return -1;
+    return v;
+}
+
+/* Creates schema_migrations when missing, under the migration lock so concurrent first
+ * starts do not race on CREATE TABLE. */
+static int migrations_table_ensure(struct session *ss)
+{
+    PGresult *res = NULL;
+    int rc;
+
+    rc = tx_begin(ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* Waits for the migration lock (released at the end of the transaction). */
+    rc = exec_params(ss, MIGRATE_LOCK_SQL, 0, NULL, NULL);
+    if (rc != 0)
+        goto out;
+    /* Does schema_migrations exist (in the search_path)? */
+    rc = exec_params(ss, "SELECT to_regclass('schema_migrations') IS NULL", 0, NULL, &res);
+    if (rc != 0)
+        goto out;
+    if (strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
+        /* Creates the table that records applied migration versions. */
+        rc = exec_params(ss,
+                         "CREATE TABLE schema_migrations ("
+                         "version integer PRIMARY KEY, name text, "
+                         "applied_at timestamptz DEFAULT now())",
+                         0, NULL, NULL);
+        if (rc != 0)
+            goto out;
+    }
+    rc = tx_commit(ss);
+out:
+    PQclear(res);
+    return rc;
+}
+
+/* Applies one migration unless its version is recorded; *ran says whether it did. */
+static int migration_apply(struct session *ss, const struct embedded_file *f, long version,
+                           bool *ran)
+{
+    char version_text[24];
+    const char *params[2] = {version_text, f->name};
+    PGresult *res = NULL;
+    int rc;
+
+    *ran = false;
+    snprintf(version_text, sizeof(version_text), "%ld", version);
+    rc = tx_begin(ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* Waits for the migration lock, so the check below and the apply are atomic. */
+    rc = exec_params(ss, MIGRATE_LOCK_SQL, 0, NULL, NULL);
+    if (rc != 0)
+        goto out;
+    /* Is this version already applied? */
+    rc = exec_params(ss, "SELECT 1 FROM schema_migrations WHERE version = $1::integer", 1, params,
+                     &res);
+    if (rc != 0 || PQntuples(res) > 0)
+        goto commit;
+    /* Runs the migration's statements. PQexec with unparameterised text is right here and
+     * nowhere else: the text is our own migration shipped in the binary, and a migration is
+     * several statements, which only the simple query protocol accepts. */
+    PQclear(res);
+    res = PQexec(ss->slot->conn, f->data);
+    rc = result_check(ss, res, true);
+    if (rc != 0) {
+        char prefix[STORE_ERR_MAX];
+        char detail[STORE_ERR_MAX];
+        copy_text(detail, sizeof(detail), ss->err != NULL ? ss->err : "");
+        snprintf(prefix, sizeof(prefix), "migration %s: ", f->name);
+        err_set(ss->err, ss->err_len, prefix, detail);
+        goto out;
+    }
+    /* Records the version as applied. */
+    rc = exec_params(ss, "INSERT INTO schema_migrations (version, name) VALUES ($1::integer, $2)",
+                     2, params, NULL);
+    if (rc != 0)
+        goto out;
+    *ran = true;
+commit:
+    if (rc == 0)
+        rc = tx_commit(ss);
+    if (rc == 0 && *ran)
+        log_info("applied migration %s", f->name);
+    if (rc != 0)
+        *ran = false;
+out:
+    PQclear(res);
+    return rc;
+}
+
+int store_migrate(struct store *s, unsigned *applied, char *err, size_t err_len)
+{
+    struct session ss = {0};
+    unsigned n = 0;
+    long prev = -1;
+    int rc = 0;
+
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    if (s == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    /* A bad or duplicate version is a build error that would otherwise skip a file. */
+    for (const struct embedded_file *f = embedded_sql; f->name != NULL; f++) {
+        long v = migration_version(f->name);
+        if (v < 0 || v <= prev) {
+            err_set(err, err_len,
+                    "migration file name needs a unique, increasing version: ", f->name);
+            rc = SETTLE_EINVAL;
+            goto out;
+        }
+        prev = v;
+    }
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = migrations_table_ensure(&ss);
+    if (rc != 0)
+        goto out;
+    for (const struct embedded_file *f = embedded_sql; f->name != NULL; f++) {
+        bool ran;
+        rc = migration_apply(&ss, f, migration_version(f->name), &ran);
+        if (rc != 0)
+            goto out;
+        n += ran;
+    }
+out:
+    session_close(&ss);
+    if (applied != NULL)
+        *applied = n;
+    return rc;
+}
+
+/* --- Reads -------------------------------------------------------------------------------------
+ */
+
+int store_ping_work(struct store *s, char *err, size_t err_len)
+{
+    struct session ss = {0};
+    int rc;
+
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    if (s == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    if (rc != 0)
+        goto out;
+    /* Round trip through the server. */
+    rc = exec_params(&ss, "SELECT 1", 0, NULL, NULL);
+    if (rc != 0)
+        goto out;
+    rc = tx_commit(&ss);
+out:
+    session_close(&ss);
+    return rc;
+}
+
+/* Copies an identifier PostgreSQL returned; one that does not fit cannot be used at all, so
+ * it is an error rather than a silent cut. */
+static int copy_id(struct session *ss, char *dst, size_t dst_size, const char *src,
+                   const char *what)
+{
+    if (strlen(src) >= dst_size) {
+        err_set(ss->err, ss->err_len, what, " is longer than settle accepts");
+        return SETTLE_ETOOBIG;
+    }
+    memcpy(dst, src, strlen(src) + 1);
+    return 0;
+}
+
+/* Fills out from the orders + payments row (columns as in store_load_order_work). */
+static int order_row_read(struct session *ss, const PGresult *res, struct store_order *out)
+{
+    int64_t amount, refunded, age, checks;
+    int rc;
+
+    rc = copy_id(ss, out->id, sizeof(out->id), PQgetvalue(res, 0, 0), "orders.id");
+    if (rc == 0)
+        rc = copy_id(ss, out->user_id, sizeof(out->user_id), PQgetvalue(res, 0, 1),
+                     "orders.user_id");
+    if (rc == 0)
+        rc = copy_id(ss, out->status, sizeof(out->status), PQgetvalue(res, 0, 2), "orders.status");
+    if (rc == 0)
+        rc = copy_id(ss, out->transaction_key, sizeof(out->transaction_key), PQgetvalue(res, 0, 8),
+                     "payments.transaction_key");
+    if (rc == 0)
+        rc = copy_id(ss, out->payment_status, sizeof(out->payment_status), PQgetvalue(res, 0, 9),
+                     "payments.status");
+    if (rc != 0)
+        goto out;
+    /* The reason is prose for people: cutting it is fine. */
+    copy_text(out->failure_reason, sizeof(out->failure_reason), PQgetvalue(res, 0, 3));
+    if (parse_i64(PQgetvalue(res, 0, 4), &amount) != 0 ||
+        parse_i64(PQgetvalue(res, 0, 5), &refunded) != 0 ||
+        parse_i64(PQgetvalue(res, 0, 6), &age) != 0 ||
+        parse_i64(PQgetvalue(res, 0, 7), &checks) != 0 || age < 0 || checks < 0 ||
+        (uint64_t)checks > UINT_MAX) {
+        err_set(ss->err, ss->err_len, "postgresql: ", "unexpected number in the orders row");
+        rc = SETTLE_EPARSE;
+        goto out;
+    }
+    out->amount_minor = amount;
+    out->refunded_minor = refunded;
+    out->age_ms = (uint64_t)age;
+    out->check_count = (unsigned)checks;
+out:
+    return rc;
+}
+
+int store_load_order_work(struct store *s, const char *order_id, struct store_order *out, char *err,
+                          size_t err_len)
+{
+    char limit[16];
+    const char *params[2] = {order_id, limit};
+    struct session ss = {0};
+    PGresult *res = NULL;
+    int n, rc;
+
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    if (s == NULL || order_id == NULL || order_id[0] == '\0' || out == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    memset(out, 0, sizeof(*out));
+    /* One more than we accept, so that "too many" is visible without reading them all. */
+    snprintf(limit, sizeof(limit), "%d", STORE_ITEMS_MAX + 1);
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    if (rc != 0)
+        goto out;
+    /* Loads the order and its payment (if any), with the age computed by the server. */
+    rc = exec_params(&ss,
+                     "SELECT o.id, o.user_id, o.status, coalesce(o.failure_reason, ''), "
+                     "o.amount_minor, o.refunded_minor, "
+                     "greatest(0, (extract(epoch FROM (now() - o.created_at)) * 1000)::bigint), "
+                     "o.check_count, coalesce(p.transaction_key, ''), coalesce(p.status, '') "
+                     "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "
+                     "WHERE o.id = $1::text",
+                     1, params, &res);
+    if (rc != 0)
+        goto out;
+    if (PQntuples(res) == 0) {
+        err_set(err, err_len, "order not found", "");
+        rc = SETTLE_ENOTFOUND;
+        goto out;
+    }
+    rc = order_row_read(&ss, res, out);
+    if (rc != 0)
+        goto out;
+    PQclear(res);
+    res = NULL;
+    /* Loads the order's items in sku order, at most STORE_ITEMS_MAX + 1 of them. */
+    rc = exec_params(&ss,
+                     "SELECT sku, qty FROM order_items WHERE order_id = $1::text "
+                     "ORDER BY sku LIMIT $2::integer",
+                     2, params, &res);
+    if (rc != 0)
+        goto out;
+    n = PQntuples(res);
+    if (n > STORE_ITEMS_MAX) {
+        err_set(err, err_len, "order has more items than settle accepts", "");
+        rc = SETTLE_ETOOBIG;
+        goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        int64_t qty;
+        rc = copy_id(&ss, out->items[i].sku, sizeof(out->items[i].sku), PQgetvalue(res, i, 0),
+                     "order_items.sku");
+        if (rc != 0)
+            goto out;
+        if (parse_i64(PQgetvalue(res, i, 1), &qty) != 0 || qty <= 0 || qty > INT32_MAX) {
+            err_set(err, err_len, "postgresql: ", "unexpected order_items.qty");
+            rc = SETTLE_EPARSE;
+            goto out;
+        }
+        out->items[i].qty = (int32_t)qty;
+    }
+    out->n_items = (unsigned)n;
+    rc = tx_commit(&ss);
+out:
+    PQclear(res);
+    session_close(&ss);
+    return rc;
+}
+
+int store_list_products(struct store *s, struct store_product **out, size_t *n, char *err,
+                        size_t err_len)
+{
+    struct session ss = {0};
+    struct store_product *list = NULL;
+    PGresult *res = NULL;
+    int rows = 0, rc;
+
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    if (s == NULL || out == NULL || n == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    *out = NULL;
+    *n = 0;
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    if (rc != 0)
+        goto out;
+    /* Every product's on-hand stock, in sku order. */
+    rc = exec_params(&ss, "SELECT sku, stock FROM products ORDER BY sku", 0, NULL, &res);
+    if (rc != 0)
+        goto out;
+    rows = PQntuples(res);
+    if (rows > 0) {
+        list = calloc((size_t)rows, sizeof(*list));
+        if (list == NULL) {
+            rc = SETTLE_ENOMEM;
+            goto out;
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        rc = copy_id(&ss, list[i].sku, sizeof(list[i].sku), PQgetvalue(res, i, 0), "products.sku");
+        if (rc != 0)
+            goto out;
+        if (parse_i64(PQgetvalue(res, i, 1), &list[i].on_hand) != 0) {
+            err_set(err, err_len, "postgresql: ", "unexpected products.stock");
+            rc = SETTLE_EPARSE;
+            goto out;
+        }
+    }
+    rc = tx_commit(&ss);
+    if (rc != 0)
+        goto out;
+    *out = list;
+    *n = (size_t)rows;
+    list = NULL;
+out:
+    free(list);
+    PQclear(res);
+    session_close(&ss);
+    return rc;
+}
+
+/* --- Outcomes ----------------------------------------------------------------------------------
+ */
+
+/* The outcome's free text, cleaned for the database (see text_dup_clean). */
+struct outcome_text {
+    char *reason;
+    char *card_type;
+    const char *card_last4; /* o->card_last4 when it is exactly 4 digits, else NULL */
+    char *last_error;
+};
+
+static void outcome_text_free(struct outcome_text *t)
+{
+    free(t->reason);
+    free(t->card_type);
+    free(t->last_error);
+}
+
+/* Checks what the database cannot, or should not have to. */
+static int outcome_check(const struct store_outcome *o, char *err, size_t err_len)
+{
+    const char *why = NULL;
+
+    if ((int)o->action < (int)STORE_ACTION_NONE || (int)o->action > (int)STORE_ACTION_RESCHEDULE)
+        why = "unknown action";
+    else if (o->action != STORE_ACTION_NONE && (o->order_id == NULL || o->order_id[0] == '\0'))
+        why = "order_id is required";
+    else if (o->amount_minor < 0)
+        why = "amount_minor is negative";
+    else if (o->action == STORE_ACTION_RESCHEDULE && o->next_check_in_ms > (uint64_t)INT64_MAX)
+        why = "next_check_in_ms is out of range";
+    else if (o->job_id != NULL &&
+             (o->queue == NULL || o->result == NULL || o->outcome == NULL ||
+              (strcmp(o->outcome, "done") != 0 && strcmp(o->outcome, "dead") != 0)))
+        why = "a job_log row needs queue, result and outcome \"done\" or \"dead\"";
+    if (why == NULL)
+        return 0;
+    err_set(err, err_len, "invalid outcome: ", why);
+    return SETTLE_EINVAL;
+}
+
+/* Upserts the order's payment with the given status, but never moves a payment that has
+ * already left PENDING. The user and, when the gateway gave none, the amount come from the
+ * order row. */
+static int payment_upsert(struct session *ss, const struct store_outcome *o,
+                          const struct outcome_text *t, const char *status, const char *reason)
+{
+    char amount[24];
+    const char *params[7] = {o->order_id, o->transaction_key, NULL,         status,
+                             reason,      t->card_type,       t->card_last4};
+
+    if (o->amount_minor > 0) {
+        snprintf(amount, sizeof(amount), "%" PRId64, o->amount_minor);
+        params[2] = amount;
+    }
+    /* INSERT or UPDATE payments (order_id) while the existing row is still PENDING. */
+    return exec_params(ss,
+                       "INSERT INTO payments AS p (order_id, transaction_key, user_id, "
+                       "amount_minor, status, reason, card_type, card_last4) "
+                       "SELECT o.id, $2::text, o.user_id, coalesce($3::bigint, o.amount_minor), "
+                       "$4::text, $5::text, $6::text, $7::text FROM orders o "
+                       "WHERE o.id = $1::text "
+                       "ON CONFLICT (order_id) DO UPDATE SET "
+                       "transaction_key = coalesce(EXCLUDED.transaction_key, p.transaction_key), "
+                       "amount_minor = coalesce($3::bigint, p.amount_minor), "
+                       "status = EXCLUDED.status, reason = EXCLUDED.reason, "
+                       "card_type = coalesce(EXCLUDED.card_type, p.card_type), "
+                       "card_last4 = coalesce(EXCLUDED.card_last4, p.card_last4), "
+                       "updated_at = now() "
+                       "WHERE p.status = 'PENDING'",
+                       7, params, NULL);
+}
+
+/* COMPLETE: PENDING -> COMPLETED, then stock -= items and the payment -> SUCCESS. */
+static int outcome_complete(struct session *ss, const struct store_outcome *o,
+                            const struct outcome_text *t, bool *changed)
+{
+    const char *params[1] = {o->order_id};
+    int64_t rows = 0;
+    int rc;
+
+    /* Marks the order COMPLETED if it is still PENDING. */
+    rc = exec_count(ss,
+                    "UPDATE orders SET status = 'COMPLETED', completed_at = now(), "
+                    "updated_at = now(), failure_reason = NULL "
+                    "WHERE id = $1::text AND status = 'PENDING'",
+                    1, params, &rows);
+    if (rc != 0 || rows == 0)
+        goto out;
+    *changed = true;
+    /* Locks the order's products in sku order, so that concurrent completions sharing
+     * products queue up instead of deadlocking. */
+    rc = exec_params(ss,
+                     "SELECT p.sku FROM products p JOIN order_items i ON i.sku = p.sku "
+                     "WHERE i.order_id = $1::text ORDER BY p.sku FOR UPDATE OF p",
+                     1, params, NULL);
+    if (rc != 0)
+        goto out;
+    /* Takes the order's items off the on-hand stock; CHECK (stock >= 0) refuses overselling,
+     * which rolls the whole outcome back. */
+    rc = exec_params(ss,
+                     "UPDATE products p SET stock = p.stock - i.qty, updated_at = now() "
+                     "FROM order_items i WHERE i.order_id = $1::text AND p.sku = i.sku",
+                     1, params, NULL);
+    if (rc != 0)
+        goto out;
+    rc = payment_upsert(ss, o, t, "SUCCESS", NULL);
+out:
+    return rc;
+}
+
+/* FAIL, EXPIRE, MANUAL_REVIEW: PENDING -> status with a reason; FAIL also records the
+ * payment status the gateway reported, when it reported one. */
+static int outcome_close(struct session *ss, const struct store_outcome *o,
+                         const struct outcome_text *t, const char *status, const char *reason,
+                         bool *changed)
+{
+    const char *params[3] = {o->order_id, status, reason};
+    int64_t rows = 0;
+    int rc;
+
+    /* Moves the order from PENDING to the final status with its reason. */
+    rc = exec_count(ss,
+                    "UPDATE orders SET status = $2::text, failure_reason = $3::text, "
+                    "updated_at = now() WHERE id = $1::text AND status = 'PENDING'",
+                    3, params, &rows);
+    if (rc != 0 || rows == 0)
+        goto out;
+    *changed = true;
+    if (o->action == STORE_ACTION_FAIL && o->payment_status != NULL)
+        rc = payment_upsert(ss, o, t, o->payment_status, reason);
+out:
+    return rc;
+}
+
+/* RESCHEDULE: the order stays PENDING; its next check moves and the check count grows. */
+static int outcome_reschedule(struct session *ss, const struct store_outcome *o, bool *changed)
+{
+    char delay[24];
+    const char *params[2] = {o->order_id, delay};
+    int64_t rows = 0;
+    int rc;
+
+    snprintf(delay, sizeof(delay), "%" PRIu64, o->next_check_in_ms);
+    /* Sets next_check_at = now() + delay ms and counts the check, while PENDING. */
+    rc = exec_count(ss,
+                    "UPDATE orders SET next_check_at = now() + $2::bigint * interval "
+                    "'1 millisecond', check_count = check_count + 1 "
+                    "WHERE id = $1::text AND status = 'PENDING'",
+                    2, params, &rows);
+    if (rc == 0 && rows > 0)
+        *changed = true;
+    return rc;
+}
+
+/* Writes the job's job_log row unless the job already has one (redelivery). */
+static int job_log_insert(struct session *ss, const struct store_outcome *o,
+                          const struct outcome_text *t)
+{
+    char attempts[16], deliveries[16], enqueued[24];
+    const char *params[11] = {o->job_id, o->queue, o->producer_id, o->order_id,   o->outcome,
+                              o->result, attempts, deliveries,     t->last_error, o->worker_id,
+                              NULL};
+
+    snprintf(attempts, sizeof(attempts), "%u", o->attempts);
+    snprintf(deliveries, sizeof(deliveries), "%u", o->deliveries);
+    if (o->enqueued_ms != 0) {
+        snprintf(enqueued, sizeof(enqueued), "%" PRIu64, o->enqueued_ms);
+        params[10] = enqueued;
+    }
+    /* INSERT the job_log row; a row already there for this job_id wins. */
+    return exec_params(ss,
+                       "INSERT INTO job_log (job_id, queue, producer_id, order_id, outcome, "
+                       "result, attempts, deliveries, last_error, worker, enqueued_at) "
+                       "VALUES ($1::text, $2::text, $3::text, $4::text, $5::text, $6::text, "
+                       "$7::integer, $8::integer, $9::text, $10::text, "
+                       "to_timestamp($11::double precision / 1000)) "
+                       "ON CONFLICT (job_id) DO NOTHING",
+                       11, params, NULL);
+}
+
+/* The order's status now, "" when there is no such order. */
+static int order_status_read(struct session *ss, const char *order_id, char *status,
+                             size_t status_size)
+{
+    const char *params[1] = {order_id};
+    PGresult *res = NULL;
+    int rc;
+
+    status[0] = '\0';
+    /* Reads the order's status as this transaction leaves it. */
+    rc = exec_params(ss, "SELECT status FROM orders WHERE id = $1::text", 1, params, &res);
+    if (rc == 0 && PQntuples(res) > 0)
+        rc = copy_id(ss, status, status_size, PQgetvalue(res, 0, 0), "orders.status");
+    PQclear(res);
+    return rc;
+}
+
+int store_apply_outcome_work(struct store *s, const struct store_outcome *o, bool *applied,
+                             char *status_after, char *err, size_t err_len)
+{
+    struct outcome_text t = {0};
+    struct session ss = {0};
+    char status[STORE_STATUS_MAX] = "";
+    bool changed = false, oom = false;
+    int rc;
+
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    if (applied != NULL)
+        *applied = false;
+    if (status_after != NULL)
+        status_after[0] = '\0';
+    if (s == NULL || o == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    rc = outcome_check(o, err, err_len);
+    if (rc != 0)
+        goto out;
+    t.reason = text_dup_clean(
+        o->action == STORE_ACTION_EXPIRE && o->reason == NULL ? EXPIRE_REASON_DEFAULT : o->reason,
+        &oom);
+    t.card_type = text_dup_clean(o->card_type, &oom);
+    t.last_error = text_dup_clean(o->last_error, &oom);
+    if (oom) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    /* Only ever the last four digits: anything else (a full PAN included) is dropped. */
+    if (o->card_last4 != NULL && strlen(o->card_last4) == 4 &&
+        strspn(o->card_last4, "0123456789") == 4)
+        t.card_last4 = o->card_last4;
+
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    switch (o->action) {
+    case STORE_ACTION_NONE:
+        break;
+    case STORE_ACTION_COMPLETE:
+        rc = outcome_complete(&ss, o, &t, &changed);
+        break;
+    case STORE_ACTION_FAIL:
+        rc = outcome_close(&ss, o, &t, "FAILED", t.reason, &changed);
+        break;
+    case STORE_ACTION_EXPIRE:
+        rc = outcome_close(&ss, o, &t, "EXPIRED", t.reason, &changed);
+        break;
+    case STORE_ACTION_MANUAL_REVIEW:
+        rc = outcome_close(&ss, o, &t, "MANUAL_REVIEW", t.reason, &changed);
+        break;
+    case STORE_ACTION_RESCHEDULE:
+        rc = outcome_reschedule(&ss, o, &changed);
+        break;
+    default:
+        fprintf(stderr, "%s:%d: unknown store action %d\n", __FILE__, __LINE__, (int)o->action);
+        abort();
+    }
+    if (rc == 0 && o->job_id != NULL)
+        rc = job_log_insert(&ss, o, &t);
+    if (rc == 0 && o->order_id != NULL)
+        rc = order_status_read(&ss, o->order_id, status, sizeof(status));
+    if (rc == 0)
+        rc = tx_commit(&ss);
+    if (rc != 0)
+        goto out;
+    if (applied != NULL)
+        *applied = changed;
+    if (status_after != NULL)
+        memcpy(status_after, status, sizeof(status));
+out:
+    session_close(&ss);
+    outcome_text_free(&t);
+    return rc;
+}

@@ -1,0 +1,1307 @@
+/*
+ * worker.c - the worker process and the job state machine.
+ *
+ * Thread: everything here runs on the loop thread, except the *_work functions, which run on
+ * uv pool threads and touch only their own job's request/result fields (never the loop,
+ * hiredis, or the counters).
+ *
+ * Ownership: struct worker owns the loop's handles, the Redis connections (one for commands,
+ * one per queue for the blocking wait), the gateway client, the PostgreSQL pool and every job
+ * in flight. A job is freed only when it reaches JOB_DONE, never while pool work or a Redis
+ * call still refers to it.
+ *
+ * A reconcile job's life:
+ *   CLAIMED -> LOADING (pool: order from PostgreSQL) -> QUERYING (pool: PG status)
+ *           -> STOCK (Redis Lua: commit or release the reservation)
+ *           -> [REFUND_ENQUEUE (Redis: out-of-stock refund job)]
+ *           -> STORING (pool: one PostgreSQL transaction: order, payment, stock, job_log)
+ *           -> FINISHING (Redis Lua: ack, retry or bury, fenced) -> DONE
+ * Every effect is idempotent (Lua state machines, conditional SQL, ON CONFLICT job_log), so a
+ * job redelivered after a crash at any point converges to the same end state.
+ */
+#include "settle/worker.h"
+
+#include <inttypes.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+#include <uv.h>
+
+#include "settle/breaker.h"
+#include "settle/error.h"
+#include "settle/gateway.h"
+#include "settle/job.h"
+#include "settle/log.h"
+#include "settle/queue.h"
+#include "settle/rconn.h"
+#include "settle/reconcile.h"
+#include "settle/retry.h"
+#include "settle/stock.h"
+#include "settle/store.h"
+
+enum job_state {
+    JOB_CLAIMED = 0,
+    JOB_LOADING,
+    JOB_QUERYING,
+    JOB_STOCK,
+    JOB_REFUND_ENQUEUE,
+    JOB_STORING,
+    JOB_FINISHING,
+    JOB_DONE,
+    JOB_STATE_COUNT
+};
+
+static const char *const job_state_names[JOB_STATE_COUNT] = {
+    "claimed", "loading", "querying", "stock", "refund_enqueue", "storing", "finishing", "done",
+};
+
+/* allowed[from][to]: the only transitions job_set_state accepts. Any state may go to DONE,
+ * which is how a job handed back at shutdown is dropped once its pending call returns. */
+static const bool job_allowed[JOB_STATE_COUNT][JOB_STATE_COUNT] = {
+    [JOB_CLAIMED] = {[JOB_LOADING] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
+    [JOB_LOADING] = {[JOB_QUERYING] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
+    [JOB_QUERYING] = {[JOB_STOCK] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
+    [JOB_STOCK] =
+        {[JOB_REFUND_ENQUEUE] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
+    [JOB_REFUND_ENQUEUE] = {[JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
+    [JOB_STORING] = {[JOB_FINISHING] = 1, [JOB_DONE] = 1},
+    [JOB_FINISHING] = {[JOB_DONE] = 1},
+    [JOB_DONE] = {0},
+};
+
+/* What FINISHING does in Redis. */
+enum finish_op {
+    FINISH_ACK = 0,
+    FINISH_RETRY,
+    FINISH_BURY,
+};
+
+enum breaker_class {
+    BREAKER_CLASS_STATUS = 0, /* GET payment status */
+    BREAKER_CLASS_COUNT
+};
+
+struct worker;
+struct wqueue;
+
+struct wjob {
+    struct worker *w;
+    struct wqueue *q;
+    struct wjob *prev, *next; /* the worker's in-flight list */
+    enum job_state state;
+    bool abandoned; /* handed back at shutdown: drop when the pending call returns */
+    bool lost;      /* lease lost (heartbeat said so): the finish will be refused */
+
+    struct queue_job qj; /* id, text (owned), counters, fencing token */
+    struct job job;
+    struct reconcile_progress pr;
+    uint64_t started_ms; /* uv_now at claim */
+
+    uv_work_t work;
+    int work_status;
+    char work_err[STORE_ERR_MAX];
+    struct store_order order;
+    struct gateway_result gw;
+    bool breaker_admitted;
+
+    struct reconcile_decision d;
+    enum stock_result stock_res;
+    const char *result; /* job_log result, static string */
+    bool applied;
+    char status_after[STORE_STATUS_MAX];
+
+    enum finish_op finish;
+    uint64_t finish_delay_ms;
+    bool finish_consume;
+    bool finish_check;
+    const char *dead_reason;
+    char last_error[GATEWAY_ERROR_MAX];
+};
+
+struct wqueue {
+    struct worker *w;
+    const char *name;
+    enum job_kind kind;
+    struct rconn *waiter; /* blocking waits only */
+    bool claiming;
+    bool waiting;
+    unsigned reserved;      /* slots asked for by an outstanding claim */
+    uv_timer_t retry_timer; /* re-arms claiming after an error */
+};
+
+struct worker_counters {
+    uint64_t claimed, done, dead, retried, rechecked, waited, lost, handed_back;
+};
+
+struct worker {
+    const struct config *cfg;
+    uv_loop_t *loop;
+    struct rconn *cmd;
+    struct wqueue queues[CONFIG_QUEUES_MAX];
+    unsigned n_queues;
+    struct gateway *gateway;
+    struct store *store;
+    struct breaker breakers[BREAKER_CLASS_COUNT];
+    struct reconcile_policy policy;
+    uint64_t rand_state;
+
+    struct wjob *jobs; /* in-flight list head */
+    unsigned in_flight;
+    unsigned state_count[JOB_STATE_COUNT];
+    struct worker_counters counters;
+
+    uv_signal_t sigterm, sigint;
+    uv_timer_t heartbeat, reaper, grace, run_limit;
+    bool draining;
+    bool closing;
+    bool extend_busy;
+    bool reap_busy;
+    bool stock_reap_busy;
+    unsigned reaper_ticks;
+    int open_handles; /* handles still to close at shutdown */
+};
+
+static void maybe_claim(struct worker *w);
+static void job_finish(struct wjob *j);
+static void job_store(struct wjob *j);
+static void worker_close(struct worker *w);
+
+static uint64_t now_ms(const struct worker *w)
+{
+    return uv_now(w->loop);
+}
+
+static uint64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* Copies a message into a fixed buffer, cutting it when it does not fit (messages are
+ * for people; the full detail of a database error is in the worker's log line). */
+static void copy_text(char *dst, size_t size, const char *src)
+{
+    size_t n = strlen(src);
+    if (n >= size)
+        n = size - 1;
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
+static struct log_ctx job_ctx(const struct wjob *j)
+{
+    struct log_ctx c = {.job_id = j->qj.id,
+                        .queue = j->q->name,
+                        .order_id = j->job.order_id[0] != '\0' ? j->job.order_id : NULL,
+                        .attempt = (int)j->qj.attempts + 1};
+    return c;
+}
+
+/* The one transition function of the job state machine. */
+static void job_set_state(struct wjob *j, enum job_state to)
+{
+    enum job_state from = j->state;
+    if (from >= JOB_STATE_COUNT || to >= JOB_STATE_COUNT || !job_allowed[from][to]) {
+        fprintf(stderr, "%s:%d: illegal job transition %d -> %d\n", __FILE__, __LINE__, from, to);
+        abort();
+    }
+    j->w->state_count[from]--;
+    j->w->state_count[to]++;
+    j->state = to;
+    if (log_enabled(LOG_LEVEL_DEBUG)) {
+        struct log_ctx c = job_ctx(j);
+        log_write(LOG_LEVEL_DEBUG, &c, NULL, "job %s -> %s", job_state_names[from],
+                  job_state_names[to]);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Job lifetime.
+ */
+static struct wjob *job_new(struct wqueue *q, struct queue_job *qj)
+{
+    struct worker *w = q->w;
+    struct wjob *j = calloc(1, sizeof(*j));
+    if (j == NULL)
+        return NULL;
+    j->w = w;
+    j->q = q;
+    j->qj = *qj;
+    qj->text = NULL; /* the job owns the text now */
+    j->state = JOB_CLAIMED;
+    j->started_ms = now_ms(w);
+    j->work.data = j;
+    w->state_count[JOB_CLAIMED]++;
+    j->next = w->jobs;
+    if (w->jobs != NULL)
+        w->jobs->prev = j;
+    w->jobs = j;
+    w->in_flight++;
+    return j;
+}
+
+static void job_free(struct wjob *j)
+{
+    struct worker *w = j->w;
+    if (j->prev != NULL)
+        j->prev->next = j->next;
+    else
+        w->jobs = j->next;
+    if (j->next != NULL)
+        j->next->prev = j->prev;
+    w->state_count[j->state]--;
+    w->in_flight--;
+    free(j->qj.text);
+    free(j);
+}
+
+/* Called when a job reaches DONE: frees it and lets the worker claim again (or finish its
+ * shutdown). Never called from inside the job's own pool callback chain without returning
+ * straight after, so nothing touches the job afterwards. */
+static void job_done(struct wjob *j)
+{
+    struct worker *w = j->w;
+    job_set_state(j, JOB_DONE);
+    job_free(j);
+    if (w->draining) {
+        if (w->in_flight == 0)
+            worker_close(w);
+    } else {
+        maybe_claim(w);
+    }
+}
+
+/* A pending call of a handed-back job returned: drop the job. Returns true when it did. */
+static bool job_drop_if_abandoned(struct wjob *j)
+{
+    if (!j->abandoned)
+        return false;
+    job_done(j);
+    return true;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Finishing in Redis.
+ */
+static void on_finished(void *arg, int status, long long result)
+{
+    struct wjob *j = arg;
+    struct worker *w = j->w;
+    struct log_ctx c = job_ctx(j);
+    if (status != 0) {
+        /* The job is still in Redis under its lease: the reaper will give it back and the
+         * next delivery will converge on the same outcome (every effect is idempotent). */
+        log_write(LOG_LEVEL_WARN, &c, settle_strerror(status),
+                  "could not record the job's end in Redis; it will be redelivered after its "
+                  "lease");
+    } else if (result == 0) {
+        w->counters.lost++;
+        log_write(LOG_LEVEL_WARN, &c, NULL,
+                  "lease lost: a newer delivery owns this job, so this one's end is ignored");
+    } else {
+        switch (j->finish) {
+        case FINISH_ACK:
+            w->counters.done++;
+            break;
+        case FINISH_RETRY:
+            if (j->finish_check)
+                w->counters.rechecked++;
+            else if (j->finish_consume)
+                w->counters.retried++;
+            else
+                w->counters.waited++;
+            break;
+        case FINISH_BURY:
+            w->counters.dead++;
+            if ((unsigned long long)result > w->cfg->dlq_alert_size)
+                log_write(LOG_LEVEL_ERROR, &c, NULL,
+                          "dead-letter queue holds %lld entries, over SETTLE_DLQ_ALERT_SIZE "
+                          "(%" PRIu64 "); nothing is trimmed, inspect it with `settle dlq list`",
+                          result, w->cfg->dlq_alert_size);
+            break;
+        default:
+            abort();
+        }
+    }
+    job_done(j);
+}
+
+static void job_finish(struct wjob *j)
+{
+    struct worker *w = j->w;
+    const struct config *cfg = w->cfg;
+    struct log_ctx c = job_ctx(j);
+    int rc = 0;
+    job_set_state(j, JOB_FINISHING);
+    switch (j->finish) {
+    case FINISH_ACK:
+        log_write(LOG_LEVEL_INFO, &c, NULL, "job done: %s (%s)", j->result,
+                  j->d.detail[0] != '\0' ? j->d.detail : "ok");
+        rc = queue_ack(w->cmd, cfg->namespace_, j->q->name, j->qj.id, j->qj.deliveries, j->job.id,
+                       on_finished, j);
+        break;
+    case FINISH_RETRY:
+        log_write(j->finish_consume ? LOG_LEVEL_WARN : LOG_LEVEL_INFO, &c,
+                  j->finish_consume && j->last_error[0] != '\0' ? j->last_error : NULL,
+                  "job %s in %" PRIu64 " ms: %s",
+                  j->finish_check ? "re-checks" : (j->finish_consume ? "retries" : "waits"),
+                  j->finish_delay_ms, j->d.detail);
+        rc = queue_retry(w->cmd, cfg->namespace_, j->q->name, j->qj.id, j->qj.deliveries,
+                         j->finish_delay_ms, j->finish_consume, j->finish_check, on_finished, j);
+        break;
+    case FINISH_BURY: {
+        char *env = NULL;
+        bool fits = j->qj.text_bytes <= cfg->job_max_bytes && j->qj.text != NULL &&
+                    j->qj.text_len == j->qj.text_bytes;
+        struct job_dead_info info = {
+            .job_id = j->qj.id,
+            .queue = j->q->name,
+            .reason = j->dead_reason,
+            .error = j->last_error,
+            .attempts = j->qj.attempts + (j->finish_consume ? 1 : 0),
+            .deliveries = j->qj.deliveries,
+            .enqueued_ms = j->qj.enqueued_ms,
+            .dead_ms = wall_ms(),
+            .worker_id = cfg->worker_id,
+        };
+        log_write(LOG_LEVEL_ERROR, &c, j->last_error, "job dead-lettered: %s", j->dead_reason);
+        rc = job_dead_envelope(&info, fits ? j->qj.text : NULL, j->qj.text_bytes, &env);
+        if (rc == 0)
+            rc = queue_bury(w->cmd, cfg->namespace_, j->q->name, j->qj.id, j->qj.deliveries, env,
+                            j->job.id, on_finished, j);
+        free(env);
+        break;
+    }
+    default:
+        abort();
+    }
+    if (rc != 0)
+        on_finished(j, rc, 0);
+}
+
+/* Sets up the FINISHING step from a decision that does not go through PostgreSQL. */
+static void finish_with_retry(struct wjob *j, uint64_t delay_ms, bool consume, bool check)
+{
+    j->finish = FINISH_RETRY;
+    j->finish_delay_ms = delay_ms;
+    j->finish_consume = consume;
+    j->finish_check = check;
+    job_finish(j);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * STORING: one PostgreSQL transaction with the order change and the job_log row.
+ */
+static void store_work(uv_work_t *req)
+{
+    struct wjob *j = req->data;
+    struct store_outcome *o = &(struct store_outcome){0};
+    const struct config *cfg = j->w->cfg;
+    char last4[5] = "";
+    size_t n = strlen(j->gw.tx.card_no_masked);
+    if (n >= 4)
+        memcpy(last4, j->gw.tx.card_no_masked + n - 4, 5);
+
+    o->order_id = j->job.order_id[0] != '\0' ? j->job.order_id : NULL;
+    o->job_id = j->qj.id;
+    o->queue = j->q->name;
+    o->producer_id = j->job.id[0] != '\0' ? j->job.id : NULL;
+    o->worker_id = cfg->worker_id;
+    o->attempts = j->qj.attempts;
+    o->deliveries = j->qj.deliveries;
+    o->enqueued_ms = j->qj.enqueued_ms;
+    o->last_error = j->last_error[0] != '\0' ? j->last_error : NULL;
+    o->outcome = "done";
+    o->result = j->result;
+
+    switch (j->d.verdict) {
+    case RECONCILE_COMPLETE:
+        if (j->stock_res == STOCK_OUT_OF_STOCK) {
+            /* Charged but no stock: fail the order; the payment did succeed and is refunded
+             * by the refund job enqueued just before. */
+            o->action = STORE_ACTION_FAIL;
+            o->reason = "out_of_stock";
+            o->payment_status = "SUCCESS";
+        } else {
+            o->action = STORE_ACTION_COMPLETE;
+            o->payment_status = "SUCCESS";
+        }
+        break;
+    case RECONCILE_FAIL:
+        o->action = STORE_ACTION_FAIL;
+        o->payment_status = "FAILED";
+        o->reason = j->gw.tx.reason[0] != '\0' ? j->gw.tx.reason : "payment_failed";
+        break;
+    case RECONCILE_EXPIRE:
+        o->action = STORE_ACTION_EXPIRE;
+        o->reason = j->d.reason;
+        break;
+    case RECONCILE_MANUAL_REVIEW:
+        o->action = STORE_ACTION_MANUAL_REVIEW;
+        o->reason = j->d.reason;
+        break;
+    case RECONCILE_RECHECK:
+        o->action = STORE_ACTION_RESCHEDULE;
+        o->next_check_in_ms = j->d.delay_ms;
+        o->job_id = NULL; /* not finished: no job_log row yet */
+        break;
+    case RECONCILE_SKIP:
+        o->action = STORE_ACTION_NONE;
+        break;
+    case RECONCILE_DEAD:
+        o->action = STORE_ACTION_NONE;
+        o->outcome = "dead";
+        break;
+    default:
+        abort();
+    }
+    if (o->action == STORE_ACTION_COMPLETE || o->action == STORE_ACTION_FAIL) {
+        o->transaction_key = j->gw.tx.transaction_key[0] != '\0' ? j->gw.tx.transaction_key : NULL;
+        o->card_type = j->gw.tx.card_type[0] != '\0' ? j->gw.tx.card_type : NULL;
+        o->card_last4 = last4[0] != '\0' ? last4 : NULL;
+        o->amount_minor = j->gw.tx.amount_minor;
+    }
+    j->work_err[0] = '\0';
+    j->work_status = store_apply_outcome_work(j->w->store, o, &j->applied, j->status_after,
+                                              j->work_err, sizeof(j->work_err));
+}
+
+static void after_store(uv_work_t *req, int status)
+{
+    struct wjob *j = req->data;
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status == UV_ECANCELED)
+        j->work_status = SETTLE_ESHUTDOWN;
+    if (j->work_status != 0) {
+        copy_text(j->last_error, sizeof(j->last_error),
+                  j->work_err[0] != '\0' ? j->work_err : settle_strerror(j->work_status));
+        if (j->d.verdict == RECONCILE_DEAD || j->work_status == SETTLE_EUNAVAILABLE ||
+            j->work_status == SETTLE_ESHUTDOWN) {
+            /* PostgreSQL is unreachable: come back later without spending an attempt, so a
+             * database outage never turns good jobs into dead ones (and a dead job's log row
+             * is written before it is buried). */
+            uint64_t delay = retry_delay_ms(
+                j->qj.attempts + 1, j->w->cfg->retry_base_ms, j->w->cfg->retry_cap_ms, 0,
+                j->w->cfg->retry_after_max_ms, retry_rand_next(&j->w->rand_state));
+            snprintf(j->d.detail, sizeof(j->d.detail), "PostgreSQL unavailable");
+            finish_with_retry(j, delay, false, false);
+            return;
+        }
+        /* A permanent SQL error (a constraint such as stock going negative): a human must
+         * look, the job goes to the DLQ with the database's words. */
+        j->d.verdict = RECONCILE_DEAD;
+        j->dead_reason = "store_rejected";
+        j->result = "store_rejected";
+        j->finish = FINISH_BURY;
+        job_set_state(j, JOB_STORING);
+        /* Write the dead job's log row (no order change) before burying it. */
+        uv_queue_work(j->w->loop, &j->work, store_work, after_store);
+        return;
+    }
+    if (j->d.verdict == RECONCILE_RECHECK) {
+        finish_with_retry(j, j->d.delay_ms, false, true);
+        return;
+    }
+    if (!j->applied && j->d.verdict != RECONCILE_DEAD && j->d.verdict != RECONCILE_SKIP &&
+        j->stock_res == STOCK_RETAKEN) {
+        /* We took stock again for an order that another path finished meanwhile. Redis now
+         * holds too few units; the nightly stock sync repairs it from PostgreSQL. */
+        struct log_ctx c = job_ctx(j);
+        log_write(LOG_LEVEL_ERROR, &c, NULL,
+                  "stock was retaken for an order that became %s concurrently; Redis stock is "
+                  "low until the next stock sync",
+                  j->status_after);
+    }
+    if (!j->applied && j->d.verdict != RECONCILE_DEAD && j->d.verdict != RECONCILE_SKIP) {
+        snprintf(j->d.detail, sizeof(j->d.detail), "order was already %s; left as it is",
+                 j->status_after);
+    }
+    job_finish(j);
+}
+
+static void job_store(struct wjob *j)
+{
+    job_set_state(j, JOB_STORING);
+    uv_queue_work(j->w->loop, &j->work, store_work, after_store);
+}
+
+/* A job's end that needs a job_log row: DEAD (bury after logging) or a finished outcome. */
+static void job_dead(struct wjob *j, const char *reason, const char *detail)
+{
+    j->d.verdict = RECONCILE_DEAD;
+    j->dead_reason = reason;
+    j->result = reason;
+    j->finish = FINISH_BURY;
+    if (detail != NULL && detail != j->last_error)
+        copy_text(j->last_error, sizeof(j->last_error), detail);
+    job_store(j);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Carrying out a decision.
+ */
+static void on_stock(void *arg, int status, enum stock_result res);
+static void on_refund_enqueued(void *arg, int status, long long result);
+
+static struct stock_items job_items(const struct wjob *j)
+{
+    struct stock_items it = {0};
+    it.n = j->order.n_items;
+    for (unsigned i = 0; i < it.n && i < STOCK_ITEMS_MAX; i++) {
+        it.sku[i] = j->order.items[i].sku;
+        it.qty[i] = j->order.items[i].qty;
+    }
+    return it;
+}
+
+static void act(struct wjob *j)
+{
+    struct worker *w = j->w;
+    const struct config *cfg = w->cfg;
+    struct stock_items items;
+    int rc = 0;
+    copy_text(j->last_error, sizeof(j->last_error), j->d.detail);
+    switch (j->d.verdict) {
+    case RECONCILE_SKIP:
+        j->result = "skipped";
+        j->finish = FINISH_ACK;
+        job_store(j);
+        return;
+    case RECONCILE_COMPLETE:
+        items = job_items(j);
+        job_set_state(j, JOB_STOCK);
+        rc = stock_commit(w->cmd, cfg->namespace_, j->order.id, &items, on_stock, j);
+        break;
+    case RECONCILE_FAIL:
+    case RECONCILE_EXPIRE:
+        items = job_items(j);
+        job_set_state(j, JOB_STOCK);
+        rc = stock_release(w->cmd, cfg->namespace_, j->order.id, &items, on_stock, j);
+        break;
+    case RECONCILE_MANUAL_REVIEW:
+        j->result = "manual_review";
+        j->finish = FINISH_ACK;
+        job_store(j);
+        return;
+    case RECONCILE_RECHECK:
+        j->result = "rechecked";
+        job_store(j);
+        return;
+    case RECONCILE_RETRY:
+        finish_with_retry(j, j->d.delay_ms, true, false);
+        return;
+    case RECONCILE_WAIT:
+        finish_with_retry(j, j->d.delay_ms, false, false);
+        return;
+    case RECONCILE_DEAD:
+        job_dead(j, j->d.reason, j->d.detail);
+        return;
+    case RECONCILE_QUERY:
+    default:
+        abort();
+    }
+    if (rc != 0)
+        on_stock(j, rc, STOCK_MISSING);
+}
+
+static void redis_transient(struct wjob *j, int status, const char *what)
+{
+    struct reconcile_decision d;
+    char detail[GATEWAY_ERROR_MAX];
+    snprintf(detail, sizeof(detail), "%s: %s", what, settle_strerror(status));
+    j->pr.rand64 = retry_rand_next(&j->w->rand_state);
+    reconcile_transient(&j->w->policy, &j->pr, "redis_unavailable", 0, detail, &d);
+    j->d = d;
+    act(j);
+}
+
+static void on_stock(void *arg, int status, enum stock_result res)
+{
+    struct wjob *j = arg;
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status != 0) {
+        redis_transient(j, status, "stock script failed");
+        return;
+    }
+    j->stock_res = res;
+    switch (j->d.verdict) {
+    case RECONCILE_COMPLETE:
+        switch (res) {
+        case STOCK_COMMITTED:
+        case STOCK_ALREADY_COMMITTED:
+        case STOCK_RETAKEN:
+            j->result = "completed";
+            j->finish = FINISH_ACK;
+            job_store(j);
+            return;
+        case STOCK_OUT_OF_STOCK: {
+            /* The customer paid but the units are gone: refund them. The refund job's id is
+             * derived from the order so a redelivered reconcile job never asks twice. */
+            struct worker *w = j->w;
+            char producer[JOB_ID_MAX + 8];
+            snprintf(producer, sizeof(producer), "oos:%s", j->order.id);
+            json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s, s:b, s:I}", "id", producer, "order_id",
+                                  j->order.id, "user_id", j->order.user_id, "transaction_key",
+                                  j->gw.tx.transaction_key, "reason", "out_of_stock", "restock", 0,
+                                  "enqueued_at_ms", (json_int_t)wall_ms());
+            char *text = o != NULL ? json_dumps(o, JSON_COMPACT) : NULL;
+            json_decref(o);
+            j->result = "out_of_stock";
+            j->finish = FINISH_ACK;
+            job_set_state(j, JOB_REFUND_ENQUEUE);
+            int rc = text != NULL ? queue_enqueue(w->cmd, w->cfg->namespace_, "refund", text,
+                                                  strlen(text), producer, on_refund_enqueued, j)
+                                  : SETTLE_ENOMEM;
+            free(text);
+            if (rc != 0)
+                on_refund_enqueued(j, rc, 0);
+            return;
+        }
+        default:
+            break;
+        }
+        break;
+    case RECONCILE_FAIL:
+    case RECONCILE_EXPIRE:
+        switch (res) {
+        case STOCK_RELEASED:
+        case STOCK_ALREADY_RELEASED:
+        case STOCK_MISSING:
+            j->result = j->d.verdict == RECONCILE_FAIL ? "failed" : "expired";
+            j->finish = FINISH_ACK;
+            job_store(j);
+            return;
+        case STOCK_NOT_RESERVED:
+            /* The reservation was committed by someone else (a callback handler that saw
+             * SUCCESS?) while the PG now says otherwise: never guess with money. */
+            j->d.verdict = RECONCILE_MANUAL_REVIEW;
+            j->d.reason = "stock_committed_elsewhere";
+            snprintf(j->d.detail, sizeof(j->d.detail),
+                     "reservation already committed but PG says the payment did not succeed");
+            j->result = "manual_review";
+            j->finish = FINISH_ACK;
+            job_store(j);
+            return;
+        default:
+            break;
+        }
+        break;
+    default:
+        break;
+    }
+    redis_transient(j, SETTLE_EINTERNAL, "unexpected stock script answer");
+}
+
+static void on_refund_enqueued(void *arg, int status, long long result)
+{
+    struct wjob *j = arg;
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status != 0) {
+        /* Without the refund job the order must stay PENDING; the sticky out_of_stock
+         * reservation gives the next delivery the same answer, and it tries again. */
+        j->state = JOB_REFUND_ENQUEUE;
+        redis_transient(j, status, "could not enqueue the out-of-stock refund");
+        return;
+    }
+    snprintf(j->d.detail, sizeof(j->d.detail), "paid but out of stock; refund job %s",
+             result == 1 ? "enqueued" : "already queued");
+    job_store(j);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * QUERYING: ask the PG on a pool thread.
+ */
+static void query_work(uv_work_t *req)
+{
+    struct wjob *j = req->data;
+    const char *key =
+        j->job.transaction_key[0] != '\0' ? j->job.transaction_key : j->order.transaction_key;
+    gateway_query_status_work(j->w->gateway, j->job.user_id, key, j->order.id, &j->gw);
+}
+
+static void after_query(uv_work_t *req, int status)
+{
+    struct wjob *j = req->data;
+    struct worker *w = j->w;
+    if (j->breaker_admitted) {
+        enum breaker_result br = BREAKER_SUCCESS;
+        if (status == UV_ECANCELED)
+            br = BREAKER_IGNORED;
+        else if (j->gw.breaker_failure)
+            br = BREAKER_FAILURE;
+        else if (j->gw.outcome == GATEWAY_TRANSIENT || j->gw.outcome == GATEWAY_REJECTED)
+            br = BREAKER_IGNORED;
+        breaker_record(&w->breakers[BREAKER_CLASS_STATUS], now_ms(w), br);
+        j->breaker_admitted = false;
+    }
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status == UV_ECANCELED) {
+        finish_with_retry(j, 0, false, false);
+        return;
+    }
+    j->pr.rand64 = retry_rand_next(&w->rand_state);
+    reconcile_after_query(&w->policy, &j->pr, &j->job, &j->order, &j->gw, &j->d);
+    act(j);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * LOADING: read the order on a pool thread.
+ */
+static void load_work(uv_work_t *req)
+{
+    struct wjob *j = req->data;
+    j->work_err[0] = '\0';
+    j->work_status = store_load_order_work(j->w->store, j->job.order_id, &j->order, j->work_err,
+                                           sizeof(j->work_err));
+}
+
+static void after_load(uv_work_t *req, int status)
+{
+    struct wjob *j = req->data;
+    struct worker *w = j->w;
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status == UV_ECANCELED) {
+        finish_with_retry(j, 0, false, false);
+        return;
+    }
+    j->pr.rand64 = retry_rand_next(&w->rand_state);
+    reconcile_after_load(&w->policy, &j->pr, &j->job, j->work_status, j->work_err, &j->order,
+                         &j->d);
+    if (j->d.verdict != RECONCILE_QUERY) {
+        act(j);
+        return;
+    }
+    struct breaker *b = &w->breakers[BREAKER_CLASS_STATUS];
+    if (!breaker_allow(b, now_ms(w))) {
+        reconcile_breaker_open(&w->policy, &j->pr, breaker_retry_in_ms(b, now_ms(w)), &j->d);
+        act(j);
+        return;
+    }
+    j->breaker_admitted = true;
+    job_set_state(j, JOB_QUERYING);
+    uv_queue_work(w->loop, &j->work, query_work, after_query);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * CLAIMED: validate and start.
+ */
+static void job_start(struct wjob *j)
+{
+    struct worker *w = j->w;
+    const struct config *cfg = w->cfg;
+    char why[JOB_WHY_MAX];
+
+    j->pr.attempts = j->qj.attempts;
+    j->pr.checks = j->qj.checks;
+
+    if (j->qj.text_bytes > cfg->job_max_bytes || j->qj.text == NULL) {
+        snprintf(why, sizeof(why),
+                 "job is %zu bytes, over the %" PRIu64 "-byte limit (SETTLE_JOB_MAX_BYTES)",
+                 j->qj.text_bytes, cfg->job_max_bytes);
+        job_dead(j, "invalid_job", why);
+        return;
+    }
+    if (job_decode(j->q->kind, j->qj.text, j->qj.text_len, cfg->job_max_bytes, &j->job, why,
+                   sizeof(why)) != 0) {
+        memset(&j->job, 0, sizeof(j->job));
+        job_dead(j, "invalid_job", why);
+        return;
+    }
+    if (j->qj.crashes >= cfg->max_deliveries) {
+        snprintf(why, sizeof(why),
+                 "lease expired %u times without an answer (SETTLE_MAX_DELIVERIES=%u)",
+                 j->qj.crashes, cfg->max_deliveries);
+        job_dead(j, "crashed_too_often", why);
+        return;
+    }
+    job_set_state(j, JOB_LOADING);
+    uv_queue_work(w->loop, &j->work, load_work, after_load);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Claiming.
+ */
+static void on_wait(void *arg, int status, long long result);
+
+static void on_claim_retry_timer(uv_timer_t *t)
+{
+    struct wqueue *q = t->data;
+    maybe_claim(q->w);
+}
+
+static void arm_retry(struct wqueue *q, uint64_t delay_ms)
+{
+    if (!q->w->draining)
+        uv_timer_start(&q->retry_timer, on_claim_retry_timer, delay_ms, 0);
+}
+
+static void on_claimed(void *arg, int status, struct queue_claim_result *res)
+{
+    struct wqueue *q = arg;
+    struct worker *w = q->w;
+    unsigned asked = q->reserved;
+    q->claiming = false;
+    q->reserved = 0;
+    if (status != 0) {
+        log_write(LOG_LEVEL_WARN, NULL, settle_strerror(status), "claim on queue %s failed",
+                  q->name);
+        arm_retry(q, 500);
+        return;
+    }
+    for (size_t i = 0; i < res->n; i++) {
+        struct wjob *j = job_new(q, &res->jobs[i]);
+        if (j == NULL) {
+            /* Out of memory: the job stays leased in Redis and comes back after the lease. */
+            log_error("out of memory for a claimed job; it returns after its lease");
+            continue;
+        }
+        w->counters.claimed++;
+        j->pr.age_ms = res->now_ms > j->qj.enqueued_ms ? res->now_ms - j->qj.enqueued_ms : 0;
+        job_start(j);
+    }
+    if (w->draining)
+        return;
+    if (res->n >= asked) {
+        maybe_claim(w); /* the queue may hold more */
+        return;
+    }
+    /* The list ran dry: block until it has work, but no longer than until the next delayed
+     * job is due (and at most a second, so a lost wake-up costs little). */
+    uint64_t timeout = 1000;
+    if (res->next_due_in_ms >= 0 && (uint64_t)res->next_due_in_ms < timeout)
+        timeout = (uint64_t)res->next_due_in_ms;
+    if (timeout < 10)
+        timeout = 10;
+    q->waiting = true;
+    if (queue_wait(q->waiter, w->cfg->namespace_, q->name, timeout, on_wait, q) != 0) {
+        q->waiting = false;
+        arm_retry(q, timeout);
+    }
+}
+
+static void on_wait(void *arg, int status, long long result)
+{
+    struct wqueue *q = arg;
+    q->waiting = false;
+    if (q->w->closing)
+        return;
+    if (status != 0) {
+        arm_retry(q, 500);
+        return;
+    }
+    maybe_claim(q->w);
+}
+
+static void maybe_claim(struct worker *w)
+{
+    if (w->draining || !rconn_is_up(w->cmd))
+        return;
+    for (unsigned i = 0; i < w->n_queues; i++) {
+        struct wqueue *q = &w->queues[i];
+        if (q->claiming || q->waiting)
+            continue;
+        unsigned reserved = 0;
+        for (unsigned k = 0; k < w->n_queues; k++)
+            reserved += w->queues[k].reserved;
+        unsigned busy = w->in_flight + reserved;
+        if (busy >= w->cfg->concurrency)
+            return;
+        unsigned n = w->cfg->concurrency - busy;
+        if (n > w->cfg->claim_batch)
+            n = w->cfg->claim_batch;
+        q->claiming = true;
+        q->reserved = n;
+        if (queue_claim(w->cmd, w->cfg->namespace_, q->name, n, w->cfg->lease_ms,
+                        w->cfg->job_max_bytes, on_claimed, q) != 0) {
+            q->claiming = false;
+            q->reserved = 0;
+            arm_retry(q, 500);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Timers: lease heartbeat, reapers.
+ */
+static void on_extended(void *arg, int status, size_t n_lost, char **lost_ids)
+{
+    struct worker *w = arg;
+    w->extend_busy = false;
+    if (status != 0) {
+        log_write(LOG_LEVEL_WARN, NULL, settle_strerror(status), "lease heartbeat failed");
+        return;
+    }
+    for (size_t i = 0; i < n_lost; i++) {
+        for (struct wjob *j = w->jobs; j != NULL; j = j->next) {
+            if (lost_ids[i] != NULL && strcmp(j->qj.id, lost_ids[i]) == 0 && !j->lost) {
+                struct log_ctx c = job_ctx(j);
+                j->lost = true;
+                log_write(LOG_LEVEL_WARN, &c, NULL,
+                          "lease lost while working (another delivery may run it too; effects "
+                          "are idempotent)");
+            }
+        }
+    }
+}
+
+static void on_heartbeat(uv_timer_t *t)
+{
+    struct worker *w = t->data;
+    if (w->extend_busy || !rconn_is_up(w->cmd))
+        return;
+    /* One call per queue; a worker has at most `concurrency` jobs, so the call is bounded. */
+    for (unsigned i = 0; i < w->n_queues; i++) {
+        struct wqueue *q = &w->queues[i];
+        size_t n = 0;
+        const char **ids = calloc(w->in_flight + 1, sizeof(*ids));
+        unsigned *fences = calloc(w->in_flight + 1, sizeof(*fences));
+        if (ids == NULL || fences == NULL) {
+            free(ids);
+            free(fences);
+            return;
+        }
+        for (struct wjob *j = w->jobs; j != NULL; j = j->next) {
+            if (j->q == q && j->state != JOB_FINISHING && !j->abandoned) {
+                ids[n] = j->qj.id;
+                fences[n] = j->qj.deliveries;
+                n++;
+            }
+        }
+        if (queue_extend(w->cmd, w->cfg->namespace_, q->name, w->cfg->worker_id, w->cfg->lease_ms,
+                         n, ids, fences, on_extended, w) == 0)
+            w->extend_busy = true;
+        free(ids);
+        free(fences);
+    }
+}
+
+static void on_reaped(void *arg, int status, long long result)
+{
+    struct worker *w = arg;
+    w->reap_busy = false;
+    if (status == 0 && result > 0) {
+        log_write(LOG_LEVEL_WARN, NULL, NULL,
+                  "gave back %lld job(s) whose lease expired (a worker died or stalled)", result);
+        maybe_claim(w);
+    }
+}
+
+static void on_stock_reaped(void *arg, int status, unsigned released)
+{
+    struct worker *w = arg;
+    w->stock_reap_busy = false;
+    if (status == 0 && released > 0)
+        log_write(LOG_LEVEL_INFO, NULL, NULL,
+                  "released %u stock reservation(s) past their deadline", released);
+}
+
+static void on_reaper(uv_timer_t *t)
+{
+    struct worker *w = t->data;
+    if (!rconn_is_up(w->cmd))
+        return;
+    if (!w->reap_busy) {
+        for (unsigned i = 0; i < w->n_queues; i++) {
+            if (queue_reap(w->cmd, w->cfg->namespace_, w->queues[i].name, w->cfg->reaper_batch,
+                           on_reaped, w) == 0)
+                w->reap_busy = true;
+        }
+    }
+    if (!w->stock_reap_busy &&
+        stock_reap(w->cmd, w->cfg->namespace_, w->cfg->reaper_batch, on_stock_reaped, w) == 0)
+        w->stock_reap_busy = true;
+    if (++w->reaper_ticks % 60 == 0)
+        log_write(LOG_LEVEL_INFO, NULL, NULL,
+                  "in flight %u; claimed %" PRIu64 ", done %" PRIu64 ", dead %" PRIu64
+                  ", retried %" PRIu64 ", re-checked %" PRIu64 ", waited %" PRIu64 "; breaker %s",
+                  w->in_flight, w->counters.claimed, w->counters.done, w->counters.dead,
+                  w->counters.retried, w->counters.rechecked, w->counters.waited,
+                  breaker_state_name(w->breakers[BREAKER_CLASS_STATUS].state));
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Redis connection state.
+ */
+static void on_cmd_state(void *arg, int up)
+{
+    struct worker *w = arg;
+    if (up)
+        maybe_claim(w);
+}
+
+static void on_waiter_state(void *arg, int up)
+{
+    struct wqueue *q = arg;
+    if (up)
+        maybe_claim(q->w);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Shutdown.
+ */
+static void on_handle_closed(uv_handle_t *h)
+{
+    struct worker *w = h->data;
+    w->open_handles--;
+}
+
+static void on_rconn_closed(void *arg)
+{
+    struct worker *w = arg;
+    w->open_handles--;
+}
+
+static void close_handle(struct worker *w, uv_handle_t *h)
+{
+    if (!uv_is_closing(h)) {
+        /* Some handles carry another owner in data (a queue's timer): the close callback
+         * only needs the worker. */
+        h->data = w;
+        w->open_handles++;
+        uv_close(h, on_handle_closed);
+    }
+}
+
+/* Everything in flight is finished or handed back: close every handle so uv_run returns. */
+static void worker_close(struct worker *w)
+{
+    if (w->closing)
+        return;
+    w->closing = true;
+    log_write(LOG_LEVEL_INFO, NULL, NULL,
+              "worker stopped: claimed %" PRIu64 ", done %" PRIu64 ", dead %" PRIu64
+              ", retried %" PRIu64 ", handed back %" PRIu64,
+              w->counters.claimed, w->counters.done, w->counters.dead, w->counters.retried,
+              w->counters.handed_back);
+    uv_timer_stop(&w->heartbeat);
+    close_handle(w, (uv_handle_t *)&w->heartbeat);
+    close_handle(w, (uv_handle_t *)&w->reaper);
+    close_handle(w, (uv_handle_t *)&w->grace);
+    close_handle(w, (uv_handle_t *)&w->run_limit);
+    close_handle(w, (uv_handle_t *)&w->sigterm);
+    close_handle(w, (uv_handle_t *)&w->sigint);
+    for (unsigned i = 0; i < w->n_queues; i++) {
+        close_handle(w, (uv_handle_t *)&w->queues[i].retry_timer);
+        if (w->queues[i].waiter != NULL) {
+            w->open_handles++;
+            rconn_close(w->queues[i].waiter, on_rconn_closed, w);
+            w->queues[i].waiter = NULL;
+        }
+    }
+    if (w->cmd != NULL) {
+        w->open_handles++;
+        rconn_close(w->cmd, on_rconn_closed, w);
+        w->cmd = NULL;
+    }
+}
+
+static void on_handed_back(void *arg, int status, long long result)
+{
+    struct wjob *j = arg;
+    struct worker *w = j->w;
+    if (status == 0 && result == 1)
+        w->counters.handed_back++;
+    /* The job may still have pool work running; it is dropped when that returns. If its
+     * pending call already returned while we waited for Redis, drop it now. */
+    j->abandoned = true;
+    if (j->state == JOB_FINISHING)
+        job_done(j);
+}
+
+/* The grace period is over: give every unfinished job back to the queue (due now, no attempt
+ * spent) so another worker picks it up at once instead of waiting for the lease. */
+static void on_grace_over(uv_timer_t *t)
+{
+    struct worker *w = t->data;
+    unsigned n = 0;
+    for (struct wjob *j = w->jobs; j != NULL; j = j->next) {
+        if (j->state == JOB_FINISHING || j->abandoned)
+            continue;
+        n++;
+        j->abandoned = true;
+        if (rconn_is_up(w->cmd))
+            queue_retry(w->cmd, w->cfg->namespace_, j->q->name, j->qj.id, j->qj.deliveries, 0,
+                        false, false, on_handed_back, j);
+    }
+    log_write(LOG_LEVEL_WARN, NULL, NULL,
+              "shutdown grace of %" PRIu64 " ms over: handed %u unfinished job(s) back",
+              w->cfg->shutdown_grace_ms, n);
+    if (w->in_flight == 0)
+        worker_close(w);
+}
+
+static void worker_drain(struct worker *w, const char *why)
+{
+    if (w->draining)
+        return;
+    w->draining = true;
+    log_write(LOG_LEVEL_INFO, NULL, NULL, "%s: draining %u job(s) in flight (grace %" PRIu64 " ms)",
+              why, w->in_flight, w->cfg->shutdown_grace_ms);
+    for (unsigned i = 0; i < w->n_queues; i++)
+        uv_timer_stop(&w->queues[i].retry_timer);
+    uv_timer_stop(&w->run_limit);
+    if (w->in_flight == 0) {
+        worker_close(w);
+        return;
+    }
+    uv_timer_start(&w->grace, on_grace_over, w->cfg->shutdown_grace_ms, 0);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    struct worker *w = h->data;
+    if (w->draining) {
+        /* A second signal: the operator wants out now. Leases bring the jobs back. */
+        log_write(LOG_LEVEL_WARN, NULL, NULL,
+                  "second signal: exiting now; %u unfinished job(s) return after their lease",
+                  w->in_flight);
+        fflush(stdout);
+        _exit(128 + signum);
+    }
+    worker_drain(w, signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static void on_run_limit(uv_timer_t *t)
+{
+    worker_drain(t->data, "SETTLE_RUN_SECONDS reached");
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Start-up.
+ */
+static void policy_from_config(struct reconcile_policy *p, const struct config *c)
+{
+    p->retry_base_ms = c->retry_base_ms;
+    p->retry_cap_ms = c->retry_cap_ms;
+    p->retry_max_attempts = c->retry_max_attempts;
+    p->retry_after_max_ms = c->retry_after_max_ms;
+    p->retry_deadline_ms = c->retry_deadline_ms;
+    p->check_schedule = c->check_schedule;
+    p->payment_window_ms = c->payment_window_ms;
+    p->pending_max_age_ms = c->pending_max_age_ms;
+}
+
+int worker_run(const struct config *cfg)
+{
+    struct worker *w = calloc(1, sizeof(*w));
+    int ret = 1;
+    if (w == NULL)
+        return 1;
+    w->cfg = cfg;
+    w->rand_state = wall_ms() ^ ((uint64_t)getpid() << 32);
+    policy_from_config(&w->policy, cfg);
+    for (int i = 0; i < BREAKER_CLASS_COUNT; i++)
+        breaker_init(&w->breakers[i], &cfg->breaker, 0);
+
+    char desc[8192];
+    if (config_describe(cfg, desc, sizeof(desc)) > 0)
+        log_write(LOG_LEVEL_INFO, NULL, NULL, "effective configuration: %s", desc);
+
+    struct config_redis_addr addr;
+    if (config_parse_redis_url(cfg->redis_url, &addr) != 0) {
+        log_error("SETTLE_REDIS_URL does not parse");
+        goto out_free;
+    }
+    struct gateway_config gcfg = {.base_url = cfg->gateway_url,
+                                  .connect_timeout_ms = cfg->gateway_connect_timeout_ms,
+                                  .timeout_ms = cfg->gateway_timeout_ms,
+                                  .body_max_bytes = cfg->gateway_body_max_bytes,
+                                  .max_handles = cfg->concurrency};
+    if (gateway_create(&w->gateway, &gcfg) != 0) {
+        log_error("could not create the PG client");
+        goto out_free;
+    }
+    struct store_config scfg = {.conninfo = cfg->database_url,
+                                .pool_size = cfg->db_pool_size,
+                                .statement_timeout_ms = cfg->db_statement_timeout_ms,
+                                .connect_timeout_ms = 5000};
+    if (store_create(&w->store, &scfg) != 0) {
+        log_error("could not create the PostgreSQL pool");
+        goto out_free;
+    }
+
+    w->loop = malloc(sizeof(*w->loop));
+    if (w->loop == NULL || uv_loop_init(w->loop) != 0) {
+        free(w->loop);
+        w->loop = NULL;
+        goto out_free;
+    }
+
+    char name[160];
+    snprintf(name, sizeof(name), "settle:%s", cfg->worker_id);
+    if (rconn_create(&w->cmd, w->loop, &addr, name, on_cmd_state, w) != 0)
+        goto out_loop;
+    for (unsigned i = 0; i < cfg->n_queues; i++) {
+        struct wqueue *q = &w->queues[w->n_queues];
+        enum job_kind kind;
+        if (job_kind_parse(cfg->queues[i], &kind) != 0)
+            continue;
+        if (kind == JOB_KIND_REFUND) {
+            log_write(LOG_LEVEL_WARN, NULL, NULL,
+                      "queue \"refund\" is not processed by this version yet; its jobs wait");
+            continue;
+        }
+        q->w = w;
+        q->name = cfg->queues[i];
+        q->kind = kind;
+        uv_timer_init(w->loop, &q->retry_timer);
+        q->retry_timer.data = q;
+        char wname[200];
+        snprintf(wname, sizeof(wname), "settle:%s:wait:%s", cfg->worker_id, q->name);
+        if (rconn_create(&q->waiter, w->loop, &addr, wname, on_waiter_state, q) != 0)
+            goto out_loop;
+        w->n_queues++;
+    }
+
+    uv_timer_init(w->loop, &w->heartbeat);
+    uv_timer_init(w->loop, &w->reaper);
+    uv_timer_init(w->loop, &w->grace);
+    uv_timer_init(w->loop, &w->run_limit);
+    uv_signal_init(w->loop, &w->sigterm);
+    uv_signal_init(w->loop, &w->sigint);
+    w->heartbeat.data = w->reaper.data = w->grace.data = w->run_limit.data = w;
+    w->sigterm.data = w->sigint.data = w;
+    uint64_t beat = cfg->lease_ms / 3 > 0 ? cfg->lease_ms / 3 : 1;
+    uv_timer_start(&w->heartbeat, on_heartbeat, beat, beat);
+    uv_timer_start(&w->reaper, on_reaper, cfg->reaper_interval_ms, cfg->reaper_interval_ms);
+    if (cfg->run_seconds > 0)
+        uv_timer_start(&w->run_limit, on_run_limit, cfg->run_seconds * 1000, 0);
+    uv_signal_start(&w->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&w->sigint, on_signal, SIGINT);
+
+    log_write(LOG_LEVEL_INFO, NULL, NULL,
+              "worker %s started: %u queue(s), concurrency %u, lease %" PRIu64 " ms",
+              cfg->worker_id, w->n_queues, cfg->concurrency, cfg->lease_ms);
+    uv_run(w->loop, UV_RUN_DEFAULT);
+    ret = 0;
+
+out_loop:
+    if (ret != 0) {
+        /* Start-up failed half way: close what was opened so the loop can be closed. */
+        w->draining = true;
+        worker_close(w);
+        uv_run(w->loop, UV_RUN_DEFAULT);
+    }
+    if (uv_loop_close(w->loop) != 0) {
+        log_error("loop closed with handles still open");
+        ret = ret != 0 ? ret : 1;
+    }
+    free(w->loop);
+out_free:
+    gateway_destroy(w->gateway);
+    store_destroy(w->store);
+    free(w);
+    return ret;
+}
