@@ -1070,7 +1070,7 @@ int config_load(struct config *c, int *argc, char **argv, char *err, size_t err_
 
     /* Only a successful load consumes the flags, so a caller that prints usage after an
      * error still sees the command line as typed. */
-    {
+    if (*argc > 1) {
         int w = 1;
         for (int a = 1; a < *argc; a++) {
             if (!remove[a])

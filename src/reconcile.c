@@ -41,6 +41,7 @@ const char *reconcile_verdict_name(enum reconcile_verdict v)
 static void decide(struct reconcile_decision *d, enum reconcile_verdict v, const char *reason,
                    uint64_t delay_ms)
 {
+    d->attempt_failed = false;
     d->verdict = v;
     d->reason = reason;
     d->delay_ms = delay_ms;
@@ -65,6 +66,7 @@ void reconcile_transient(const struct reconcile_policy *p, const struct reconcil
     snprintf(d->detail, sizeof(d->detail), "%s", detail != NULL ? detail : "");
     if (failed >= p->retry_max_attempts) {
         dead(d, reason);
+        d->attempt_failed = true;
         size_t used = strlen(d->detail);
         snprintf(d->detail + used, sizeof(d->detail) - used, "%s(gave up after %u attempts)",
                  used > 0 ? " " : "", failed);
@@ -72,6 +74,7 @@ void reconcile_transient(const struct reconcile_policy *p, const struct reconcil
     }
     if (past_deadline(p, pr)) {
         dead(d, reason);
+        d->attempt_failed = true;
         size_t used = strlen(d->detail);
         snprintf(d->detail + used, sizeof(d->detail) - used,
                  "%s(gave up: job older than the retry deadline of %llu ms)", used > 0 ? " " : "",
@@ -81,6 +84,7 @@ void reconcile_transient(const struct reconcile_policy *p, const struct reconcil
     decide(d, RECONCILE_RETRY, reason,
            retry_delay_ms(failed, p->retry_base_ms, p->retry_cap_ms, retry_after_ms,
                           p->retry_after_max_ms, pr->rand64));
+    d->attempt_failed = true;
 }
 
 void reconcile_breaker_open(const struct reconcile_policy *p, const struct reconcile_progress *pr,

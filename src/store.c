@@ -1070,11 +1070,11 @@ static int outcome_reschedule(struct session *ss, const struct store_outcome *o,
 
 /* Writes the job's job_log row unless the job already has one (redelivery). */
 static int job_log_insert(struct session *ss, const struct store_outcome *o,
-                          const struct outcome_text *t)
+                          const struct outcome_text *t, const char *result)
 {
     char attempts[16], deliveries[16], enqueued[24];
     const char *params[11] = {o->job_id, o->queue, o->producer_id, o->order_id,   o->outcome,
-                              o->result, attempts, deliveries,     t->last_error, o->worker_id,
+                              result,    attempts, deliveries,     t->last_error, o->worker_id,
                               NULL};
 
     snprintf(attempts, sizeof(attempts), "%u", o->attempts);
@@ -1175,8 +1175,13 @@ int store_apply_outcome_work(struct store *s, const struct store_outcome *o, boo
         fprintf(stderr, "%s:%d: unknown store action %d\n", __FILE__, __LINE__, (int)o->action);
         abort();
     }
+    /* A transition that did not happen (the order had moved on) is logged as such. */
     if (rc == 0 && o->job_id != NULL)
-        rc = job_log_insert(&ss, o, &t);
+        rc =
+            job_log_insert(&ss, o, &t,
+                           !changed && o->action != STORE_ACTION_NONE && o->result_unapplied != NULL
+                               ? o->result_unapplied
+                               : o->result);
     if (rc == 0 && o->order_id != NULL)
         rc = order_status_read(&ss, o->order_id, status, sizeof(status));
     if (rc == 0)

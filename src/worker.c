@@ -131,8 +131,8 @@ struct wqueue {
     struct rconn *waiter; /* blocking waits only */
     bool claiming;
     bool waiting;
-    unsigned reserved;      /* slots asked for by an outstanding claim */
-    uv_timer_t retry_timer; /* re-arms claiming after an error */
+    unsigned reserved;     /* slots asked for by an outstanding claim */
+    uv_timer_t wake_timer; /* claims again when a delayed job falls due or after an error */
 };
 
 struct worker_counters {
@@ -168,6 +168,7 @@ struct worker {
 };
 
 static void maybe_claim(struct worker *w);
+static void arm_wake(struct wqueue *q, uint64_t delay_ms);
 static void job_finish(struct wjob *j);
 static void job_store(struct wjob *j);
 static void worker_close(struct worker *w);
@@ -311,6 +312,7 @@ static void on_finished(void *arg, int status, long long result)
             w->counters.done++;
             break;
         case FINISH_RETRY:
+            arm_wake(j->q, j->finish_delay_ms);
             if (j->finish_check)
                 w->counters.rechecked++;
             else if (j->finish_consume)
@@ -365,7 +367,7 @@ static void job_finish(struct wjob *j)
             .queue = j->q->name,
             .reason = j->dead_reason,
             .error = j->last_error,
-            .attempts = j->qj.attempts + (j->finish_consume ? 1 : 0),
+            .attempts = j->qj.attempts + (j->d.attempt_failed ? 1 : 0),
             .deliveries = j->qj.deliveries,
             .enqueued_ms = j->qj.enqueued_ms,
             .dead_ms = wall_ms(),
@@ -414,12 +416,13 @@ static void store_work(uv_work_t *req)
     o->queue = j->q->name;
     o->producer_id = j->job.id[0] != '\0' ? j->job.id : NULL;
     o->worker_id = cfg->worker_id;
-    o->attempts = j->qj.attempts;
+    o->attempts = j->qj.attempts + (j->d.attempt_failed ? 1 : 0);
     o->deliveries = j->qj.deliveries;
     o->enqueued_ms = j->qj.enqueued_ms;
     o->last_error = j->last_error[0] != '\0' ? j->last_error : NULL;
     o->outcome = "done";
     o->result = j->result;
+    o->result_unapplied = "skipped";
 
     switch (j->d.verdict) {
     case RECONCILE_COMPLETE:
@@ -721,6 +724,20 @@ static void on_refund_enqueued(void *arg, int status, long long result)
 /* ---------------------------------------------------------------------------------------------
  * QUERYING: ask the PG on a pool thread.
  */
+static const char *const breaker_class_names[BREAKER_CLASS_COUNT] = {"status"};
+
+/* Logs a breaker's state change (operators watch for "breaker ... open"). */
+static void breaker_note(struct worker *w, enum breaker_class cls, enum breaker_state before)
+{
+    enum breaker_state after = w->breakers[cls].state;
+    if (after == before)
+        return;
+    log_write(after == BREAKER_OPEN ? LOG_LEVEL_WARN : LOG_LEVEL_INFO, NULL, NULL,
+              "circuit breaker %s: %s -> %s (consecutive trips %u)", breaker_class_names[cls],
+              breaker_state_name(before), breaker_state_name(after),
+              w->breakers[cls].consecutive_trips);
+}
+
 static void query_work(uv_work_t *req)
 {
     struct wjob *j = req->data;
@@ -741,7 +758,9 @@ static void after_query(uv_work_t *req, int status)
             br = BREAKER_FAILURE;
         else if (j->gw.outcome == GATEWAY_TRANSIENT || j->gw.outcome == GATEWAY_REJECTED)
             br = BREAKER_IGNORED;
+        enum breaker_state before = w->breakers[BREAKER_CLASS_STATUS].state;
         breaker_record(&w->breakers[BREAKER_CLASS_STATUS], now_ms(w), br);
+        breaker_note(w, BREAKER_CLASS_STATUS, before);
         j->breaker_admitted = false;
     }
     if (job_drop_if_abandoned(j))
@@ -784,7 +803,10 @@ static void after_load(uv_work_t *req, int status)
         return;
     }
     struct breaker *b = &w->breakers[BREAKER_CLASS_STATUS];
-    if (!breaker_allow(b, now_ms(w))) {
+    enum breaker_state before = b->state;
+    int allowed = breaker_allow(b, now_ms(w));
+    breaker_note(w, BREAKER_CLASS_STATUS, before);
+    if (!allowed) {
         reconcile_breaker_open(&w->policy, &j->pr, breaker_retry_in_ms(b, now_ms(w)), &j->d);
         act(j);
         return;
@@ -835,16 +857,22 @@ static void job_start(struct wjob *j)
  */
 static void on_wait(void *arg, int status, long long result);
 
-static void on_claim_retry_timer(uv_timer_t *t)
+static void on_wake_timer(uv_timer_t *t)
 {
     struct wqueue *q = t->data;
     maybe_claim(q->w);
 }
 
-static void arm_retry(struct wqueue *q, uint64_t delay_ms)
+/* Makes the queue claim again within delay_ms: a retry falls due, a claim failed, or a
+ * blocking wait is still out. The earliest request wins. */
+static void arm_wake(struct wqueue *q, uint64_t delay_ms)
 {
-    if (!q->w->draining)
-        uv_timer_start(&q->retry_timer, on_claim_retry_timer, delay_ms, 0);
+    if (q->w->draining)
+        return;
+    if (uv_is_active((uv_handle_t *)&q->wake_timer) &&
+        uv_timer_get_due_in(&q->wake_timer) <= delay_ms)
+        return;
+    uv_timer_start(&q->wake_timer, on_wake_timer, delay_ms, 0);
 }
 
 static void on_claimed(void *arg, int status, struct queue_claim_result *res)
@@ -857,7 +885,7 @@ static void on_claimed(void *arg, int status, struct queue_claim_result *res)
     if (status != 0) {
         log_write(LOG_LEVEL_WARN, NULL, settle_strerror(status), "claim on queue %s failed",
                   q->name);
-        arm_retry(q, 500);
+        arm_wake(q, 500);
         return;
     }
     for (size_t i = 0; i < res->n; i++) {
@@ -877,17 +905,17 @@ static void on_claimed(void *arg, int status, struct queue_claim_result *res)
         maybe_claim(w); /* the queue may hold more */
         return;
     }
-    /* The list ran dry: block until it has work, but no longer than until the next delayed
-     * job is due (and at most a second, so a lost wake-up costs little). */
-    uint64_t timeout = 1000;
-    if (res->next_due_in_ms >= 0 && (uint64_t)res->next_due_in_ms < timeout)
-        timeout = (uint64_t)res->next_due_in_ms;
-    if (timeout < 10)
-        timeout = 10;
+    /* The list ran dry: block on the waiter connection until it has work (at most a
+     * second, so a lost wake-up costs little), and claim again when the next delayed job
+     * falls due; the command connection can claim while the waiter blocks. */
+    if (res->next_due_in_ms >= 0)
+        arm_wake(q, (uint64_t)res->next_due_in_ms);
+    if (q->waiting)
+        return;
     q->waiting = true;
-    if (queue_wait(q->waiter, w->cfg->namespace_, q->name, timeout, on_wait, q) != 0) {
+    if (queue_wait(q->waiter, w->cfg->namespace_, q->name, 1000, on_wait, q) != 0) {
         q->waiting = false;
-        arm_retry(q, timeout);
+        arm_wake(q, 1000);
     }
 }
 
@@ -898,7 +926,7 @@ static void on_wait(void *arg, int status, long long result)
     if (q->w->closing)
         return;
     if (status != 0) {
-        arm_retry(q, 500);
+        arm_wake(q, 500);
         return;
     }
     maybe_claim(q->w);
@@ -910,7 +938,7 @@ static void maybe_claim(struct worker *w)
         return;
     for (unsigned i = 0; i < w->n_queues; i++) {
         struct wqueue *q = &w->queues[i];
-        if (q->claiming || q->waiting)
+        if (q->claiming)
             continue;
         unsigned reserved = 0;
         for (unsigned k = 0; k < w->n_queues; k++)
@@ -927,7 +955,7 @@ static void maybe_claim(struct worker *w)
                         w->cfg->job_max_bytes, on_claimed, q) != 0) {
             q->claiming = false;
             q->reserved = 0;
-            arm_retry(q, 500);
+            arm_wake(q, 500);
         }
     }
 }
@@ -1093,7 +1121,7 @@ static void worker_close(struct worker *w)
     close_handle(w, (uv_handle_t *)&w->sigterm);
     close_handle(w, (uv_handle_t *)&w->sigint);
     for (unsigned i = 0; i < w->n_queues; i++) {
-        close_handle(w, (uv_handle_t *)&w->queues[i].retry_timer);
+        close_handle(w, (uv_handle_t *)&w->queues[i].wake_timer);
         if (w->queues[i].waiter != NULL) {
             w->open_handles++;
             rconn_close(w->queues[i].waiter, on_rconn_closed, w);
@@ -1150,7 +1178,7 @@ static void worker_drain(struct worker *w, const char *why)
     log_write(LOG_LEVEL_INFO, NULL, NULL, "%s: draining %u job(s) in flight (grace %" PRIu64 " ms)",
               why, w->in_flight, w->cfg->shutdown_grace_ms);
     for (unsigned i = 0; i < w->n_queues; i++)
-        uv_timer_stop(&w->queues[i].retry_timer);
+        uv_timer_stop(&w->queues[i].wake_timer);
     uv_timer_stop(&w->run_limit);
     if (w->in_flight == 0) {
         worker_close(w);
@@ -1256,8 +1284,8 @@ int worker_run(const struct config *cfg)
         q->w = w;
         q->name = cfg->queues[i];
         q->kind = kind;
-        uv_timer_init(w->loop, &q->retry_timer);
-        q->retry_timer.data = q;
+        uv_timer_init(w->loop, &q->wake_timer);
+        q->wake_timer.data = q;
         char wname[200];
         snprintf(wname, sizeof(wname), "settle:%s:wait:%s", cfg->worker_id, q->name);
         if (rconn_create(&q->waiter, w->loop, &addr, wname, on_waiter_state, q) != 0)

@@ -67,6 +67,7 @@ struct reconcile_decision {
     enum reconcile_verdict verdict;
     const char *reason;             /* DLQ reason code, or the order's failure reason; static */
     uint64_t delay_ms;              /* RECHECK, RETRY, WAIT */
+    bool attempt_failed;            /* this try failed transiently (it counts as an attempt) */
     char detail[GATEWAY_ERROR_MAX]; /* one sentence for logs, job_log and the DLQ */
 };
 

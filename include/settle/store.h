@@ -96,8 +96,9 @@ struct store_outcome {
     const char *job_id;
     const char *queue;
     const char *producer_id;
-    const char *outcome; /* "done" | "dead" */
-    const char *result;  /* e.g. "completed", "failed", "expired", "invalid_job" */
+    const char *outcome;          /* "done" | "dead" */
+    const char *result;           /* e.g. "completed", "failed", "expired", "invalid_job" */
+    const char *result_unapplied; /* result when the order was no longer PENDING (NULL: same) */
     const char *last_error;
     const char *worker_id;
     unsigned attempts;

@@ -16,10 +16,10 @@
 #include <stdint.h>
 
 /* Bounds on what a client may store through the API (bytes, without the terminating NUL). */
-#define PGSIM_ID_MAX 128        /* user id, order id, transaction key, idempotency key */
-#define PGSIM_REASON_MAX 256    /* cancel / failure reason */
-#define PGSIM_URL_MAX 2048      /* callbackUrl */
-#define PGSIM_IDEM_PER_TXN 256  /* idempotency records kept per transaction */
+#define PGSIM_ID_MAX 128         /* user id, order id, transaction key, idempotency key */
+#define PGSIM_REASON_MAX 256     /* cancel / failure reason */
+#define PGSIM_URL_MAX 2048       /* callbackUrl */
+#define PGSIM_IDEM_PER_TXN 256   /* idempotency records kept per transaction */
 #define PGSIM_LOG_FIELD_MAX 1024 /* path / query kept per request-log entry */
 
 /* Payment states. PENDING becomes final_status lazily once final_at_ms has passed. */
@@ -48,9 +48,9 @@ struct pgsim_txn {
     char *order_id;
     char *card_type;
     char *card_no;
-    char *callback_url; /* may be NULL; stored only, the simulator never calls it */
-    char *reason;       /* current reason, NULL when none */
-    char *final_reason; /* reason applied when a PENDING payment becomes final, may be NULL */
+    char *callback_url;  /* may be NULL; stored only, the simulator never calls it */
+    char *reason;        /* current reason, NULL when none */
+    char *final_reason;  /* reason applied when a PENDING payment becomes final, may be NULL */
     char *cancel_reason; /* reason given with the last effective cancel, may be NULL */
     enum pgsim_status status;
     enum pgsim_status final_status;

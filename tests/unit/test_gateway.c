@@ -216,7 +216,7 @@ static void test_parse_malformed(void)
         char why[GATEWAY_ERROR_MAX] = "";
         int rc = parse(bad[i], &tx, why);
         if (rc != SETTLE_EPARSE)
-            fprintf(stderr, "case %zu accepted or misjudged: %s\n", i, bad[i]);
+            printf("case %zu accepted or misjudged: %s\n", i, bad[i]);
         CHECK_EQ_INT(rc, SETTLE_EPARSE);
         CHECK(why[0] != '\0');
         CHECK_STR(tx.transaction_key, "");
@@ -230,7 +230,7 @@ static void test_parse_malformed(void)
                             "\"status\":\"DONE\"}"),
                        &tx, why),
                  SETTLE_EPARSE);
-    CHECK(strstr(why, "DONE") != NULL);
+    CHECK_CONTAINS(why, "DONE");
 
     /* A NUL byte inside the body (len covers it) is not silently cut off. */
     static const char with_nul[] = TX_BODY("SUCCESS", "") "\0{}";
@@ -360,8 +360,8 @@ static void test_card_masking(void)
     if (at != NULL) {
         CHECK_EQ_INT(gateway_parse_transaction(cut, (size_t)(at - cut) + 7, &tx, why, sizeof why),
                      SETTLE_EPARSE);
-        CHECK(strstr(why, "5678") == NULL);
-        CHECK(strstr(why, "1234") == NULL);
+        CHECK_NOT_CONTAINS(why, "5678");
+        CHECK_NOT_CONTAINS(why, "1234");
     }
 }
 
@@ -375,7 +375,7 @@ static void test_parse_cancel_answer_strictness(void)
                             "\"cancelledAmount\":5000,\"balanceAmount\":0}"),
                        &tx, why),
                  SETTLE_EPARSE);
-    CHECK(strstr(why, "orderId") != NULL);
+    CHECK_CONTAINS(why, "orderId");
 }
 
 /* --- Pure: orderId list ----------------------------------------------------------------------- */
@@ -428,7 +428,7 @@ static void test_order_list_selection(void)
     CHECK(!mem_contains(&tx, sizeof tx, "5678"));
 
     CHECK_EQ_INT(parse_list(LIST(""), &tx, why), SETTLE_ENOTFOUND);
-    CHECK(strstr(why, "1351039135") != NULL);
+    CHECK_CONTAINS(why, "1351039135");
     CHECK_STR(tx.transaction_key, "");
 
     static const char *const bad[] = {
@@ -447,7 +447,7 @@ static void test_order_list_selection(void)
         why[0] = '\0';
         int rc = parse_list(bad[i], &tx, why);
         if (rc != SETTLE_EPARSE)
-            fprintf(stderr, "list case %zu misjudged: %s\n", i, bad[i]);
+            printf("list case %zu misjudged: %s\n", i, bad[i]);
         CHECK_EQ_INT(rc, SETTLE_EPARSE);
         CHECK(why[0] != '\0');
     }
@@ -476,7 +476,7 @@ static void test_classify(void)
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         if (gateway_classify(true, table[i].status) != table[i].want)
-            fprintf(stderr, "HTTP %ld misclassified\n", table[i].status);
+            printf("HTTP %ld misclassified\n", table[i].status);
         CHECK_EQ_INT(gateway_classify(true, table[i].status), table[i].want);
         /* Transport failures ignore the status. */
         CHECK_EQ_INT(gateway_classify(false, table[i].status), GATEWAY_TRANSIENT);
@@ -865,19 +865,19 @@ static void test_e2e_query_by_key(void)
     CHECK_EQ_INT(r.http_status, 503);
     CHECK(r.breaker_failure);
     CHECK(r.request_sent);
-    CHECK_EQ_INT(r.retry_after_ms, 7000);
+    CHECK_EQ_U64(r.retry_after_ms, 7000);
     CHECK_STR(r.error, "PG answered HTTP 503: server busy");
 
     gateway_query_status_work(g, "user-7", "busy-date", NULL, &r);
     CHECK_EQ_INT(r.outcome, GATEWAY_TRANSIENT);
-    CHECK_EQ_INT(r.retry_after_ms, 0);
+    CHECK_EQ_U64(r.retry_after_ms, 0);
     CHECK_STR(r.error, "PG answered HTTP 503");
 
     gateway_query_status_work(g, "user-7", "limited", NULL, &r);
     CHECK_EQ_INT(r.outcome, GATEWAY_TRANSIENT);
     CHECK_EQ_INT(r.http_status, 429);
     CHECK(!r.breaker_failure);
-    CHECK_EQ_INT(r.retry_after_ms, 2000);
+    CHECK_EQ_U64(r.retry_after_ms, 2000);
 
     /* The cap: a 2xx we cannot read whole is unusable; a 5xx is still just a 5xx. */
     gateway_query_status_work(g, "user-7", "huge", NULL, &r);
@@ -1013,7 +1013,7 @@ static void test_e2e_cancel(void)
 
     gateway_cancel_work(g, "user-7", "busy", "refund-4", 100, "r", &r);
     CHECK_EQ_INT(r.outcome, GATEWAY_TRANSIENT);
-    CHECK_EQ_INT(r.retry_after_ms, 3000);
+    CHECK_EQ_U64(r.retry_after_ms, 3000);
     CHECK(r.request_sent);
     CHECK(r.breaker_failure);
 
@@ -1051,7 +1051,7 @@ static void test_e2e_timeout(void)
     CHECK(r.latency_us >= 250000);
     CHECK(r.latency_us < 650000);
     CHECK(strncmp(r.error, "timed out after ", 16) == 0);
-    CHECK(strstr(r.error, "(curl: ") != NULL);
+    CHECK_CONTAINS(r.error, "(curl: ");
     gateway_destroy(g);
 }
 
