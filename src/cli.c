@@ -766,8 +766,17 @@ int cli_main(int argc, char **argv)
             fprintf(stderr, "settle work: unexpected argument %s\n", cargv[1]);
             ret = EXIT_USAGE;
         }
-        if (ret == 0)
+        if (ret == 0) {
+            /* libuv sizes its thread pool once, at the first queued work, from this variable
+             * (default 4). A job holds at most one pool thread at a time (a PG or a PostgreSQL
+             * call), so SETTLE_CONCURRENCY threads never leave a job waiting for a thread.
+             * An operator's explicit UV_THREADPOOL_SIZE wins. */
+            char threads[16];
+            snprintf(threads, sizeof(threads), "%u", cfg.concurrency);
+            if (getenv("UV_THREADPOOL_SIZE") == NULL)
+                setenv("UV_THREADPOOL_SIZE", threads, 1);
             ret = worker_run(&cfg);
+        }
     } else if (strcmp(cmd, "migrate") == 0) {
         ret = reject_unknown_options(cargc, cargv, 1);
         if (ret == 0)
