@@ -28,6 +28,10 @@ packages=(
     python3 python3-redis python3-psycopg2 passwd
     # clang-format for the format check; clang and its runtimes for the libFuzzer build
     clang clang-format libclang-rt-14-dev
+    # ops file checks (tests/integration/test_ops_files.py): yamllint, PyYAML, and promtool,
+    # which Debian ships only in the prometheus package (its server is not used or started by
+    # settle's scripts; on a machine with systemd, `systemctl disable --now prometheus`)
+    yamllint python3-yaml prometheus
 )
 
 is_installed() {
