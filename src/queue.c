@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <jansson.h>
 
 #include "settle/error.h"
 
@@ -445,71 +444,73 @@ static long long sync_int(struct rconn_sync *s, int argc, const char **argv)
     return v;
 }
 
-/* The age of the job at the right (oldest) end of the list, from its "enqueued_at_ms" field
- * (added by `settle enqueue`; raw LPUSH producers may set it too). -1 when unknown. */
-static long long oldest_age_ms(struct rconn_sync *s, const char *key)
+/* Builds the four keys of queue_stats.lua. */
+static int stats_keys(char k[4][KEY_MAX], const char *ns, const char *queue)
 {
-    long long age = -1;
-    struct rconn_reply *r = NULL, *t = NULL;
-    const char *argv[3] = {"LINDEX", key, "-1"};
-    const char *targv[1] = {"TIME"};
-    if (rconn_sync_command(s, &r, 3, argv, NULL) != 0 || rconn_reply_type(r) != RCONN_STRING)
-        goto out;
-    if (rconn_sync_command(s, &t, 1, targv, NULL) != 0 || rconn_reply_elements(t) != 2)
-        goto out;
-    size_t len = 0;
-    const char *text = rconn_reply_str(r, &len);
-    json_error_t jerr;
-    json_t *j = json_loadb(text, len, 0, &jerr);
-    json_t *v = json_is_object(j) ? json_object_get(j, "enqueued_at_ms") : NULL;
-    if (json_is_integer(v)) {
-        long long now = rconn_reply_as_ll(rconn_reply_element(t, 0), 0) * 1000 +
-                        rconn_reply_as_ll(rconn_reply_element(t, 1), 0) / 1000;
-        age = now - (long long)json_integer_value(v);
-        if (age < 0)
-            age = 0;
-    }
-    json_decref(j);
-out:
-    rconn_sync_free(r);
-    rconn_sync_free(t);
-    return age;
+    if (key2(k[0], ns, "queue:", queue) < 0 || key2(k[1], ns, "delayed:", queue) < 0 ||
+        key2(k[2], ns, "inflight:", queue) < 0 || key2(k[3], ns, "dead:count", "") < 0)
+        return SETTLE_ETOOBIG;
+    return 0;
+}
+
+static int stats_from_reply(const struct rconn_reply *r, struct queue_stats *out)
+{
+    if (rconn_reply_type(r) != RCONN_ARRAY || rconn_reply_elements(r) != 7)
+        return rconn_reply_type(r) == RCONN_ERROR ? SETTLE_EREJECTED : SETTLE_EINTERNAL;
+    out->ready = rconn_reply_as_ll(rconn_reply_element(r, 0), 0);
+    out->delayed = rconn_reply_as_ll(rconn_reply_element(r, 1), 0);
+    out->due = rconn_reply_as_ll(rconn_reply_element(r, 2), 0);
+    out->inflight = rconn_reply_as_ll(rconn_reply_element(r, 3), 0);
+    out->dead = rconn_reply_as_ll(rconn_reply_element(r, 4), 0);
+    out->oldest_ready_age_ms = rconn_reply_as_ll(rconn_reply_element(r, 5), -1);
+    return 0;
+}
+
+struct stats_ctx {
+    queue_stats_cb cb;
+    void *arg;
+};
+
+static void on_stats_reply(void *arg, int status, const struct rconn_reply *r)
+{
+    struct stats_ctx *c = arg;
+    struct queue_stats st = {0};
+    if (status == 0)
+        status = stats_from_reply(r, &st);
+    c->cb(c->arg, status, &st);
+    free(c);
+}
+
+int queue_stats(struct rconn *rc, const char *ns, const char *queue, queue_stats_cb cb, void *arg)
+{
+    char k[4][KEY_MAX];
+    if (stats_keys(k, ns, queue) != 0)
+        return SETTLE_ETOOBIG;
+    const char *argv[5] = {k[0], k[1], k[2], k[3], queue};
+    struct stats_ctx *c = malloc(sizeof(*c));
+    if (c == NULL)
+        return SETTLE_ENOMEM;
+    c->cb = cb;
+    c->arg = arg;
+    int ret = rconn_eval(rc, "queue_stats", 4, 5, argv, NULL, on_stats_reply, c);
+    if (ret != 0)
+        free(c);
+    return ret;
 }
 
 int queue_sync_stats(struct rconn_sync *s, const char *ns, const char *queue,
                      struct queue_stats *out)
 {
     char k[4][KEY_MAX];
-    if (key2(k[0], ns, "queue:", queue) < 0 || key2(k[1], ns, "delayed:", queue) < 0 ||
-        key2(k[2], ns, "inflight:", queue) < 0 || key2(k[3], ns, "dead:count", "") < 0)
+    if (stats_keys(k, ns, queue) != 0)
         return SETTLE_ETOOBIG;
-    const char *llen[2] = {"LLEN", k[0]};
-    const char *zcard[2] = {"ZCARD", k[1]};
-    const char *zcard2[2] = {"ZCARD", k[2]};
-    const char *dead[3] = {"HGET", k[3], queue};
-    out->ready = sync_int(s, 2, llen);
-    out->delayed = sync_int(s, 2, zcard);
-    out->inflight = sync_int(s, 2, zcard2);
-    out->dead = sync_int(s, 3, dead);
-    if (out->dead < 0)
-        out->dead = 0;
-    if (out->ready < 0 || out->delayed < 0 || out->inflight < 0)
-        return SETTLE_EIO;
-    /* Due delayed jobs are ready in all but name: they are claimed before the list. */
-    struct rconn_reply *t = NULL;
-    const char *targv[1] = {"TIME"};
-    out->due = 0;
-    if (rconn_sync_command(s, &t, 1, targv, NULL) == 0 && rconn_reply_elements(t) == 2) {
-        char now[32];
-        snprintf(now, sizeof(now), "%lld",
-                 rconn_reply_as_ll(rconn_reply_element(t, 0), 0) * 1000 +
-                     rconn_reply_as_ll(rconn_reply_element(t, 1), 0) / 1000);
-        const char *zc[4] = {"ZCOUNT", k[1], "-inf", now};
-        out->due = sync_int(s, 4, zc);
-    }
-    rconn_sync_free(t);
-    out->oldest_ready_age_ms = out->ready > 0 ? oldest_age_ms(s, k[0]) : -1;
-    return 0;
+    const char *argv[5] = {k[0], k[1], k[2], k[3], queue};
+    struct rconn_reply *r = NULL;
+    int ret = rconn_sync_eval(s, &r, "queue_stats", 4, 5, argv, NULL);
+    if (ret == 0)
+        ret = stats_from_reply(r, out);
+    rconn_sync_free(r);
+    return ret;
 }
 
 long long queue_sync_dead_total(struct rconn_sync *s, const char *ns)

@@ -89,15 +89,20 @@ int queue_enqueue(struct rconn *rc, const char *ns, const char *queue, const cha
 int queue_wait(struct rconn *waiter, const char *ns, const char *queue, uint64_t timeout_ms,
                queue_cb cb, void *arg);
 
+struct queue_stats {
+    long long ready, delayed, due, inflight, dead;
+    long long oldest_ready_age_ms; /* -1 when empty or unknown */
+};
+typedef void (*queue_stats_cb)(void *arg, int status, const struct queue_stats *st);
+
+/* One queue's depths (lua/queue_stats.lua), for the metrics gauges. */
+int queue_stats(struct rconn *rc, const char *ns, const char *queue, queue_stats_cb cb, void *arg);
+
 /* --- Synchronous (CLI) --- */
 /* 1 pushed, 0 duplicate, or an error. */
 int queue_sync_enqueue(struct rconn_sync *s, const char *ns, const char *queue, const char *text,
                        size_t len, const char *producer_id);
 
-struct queue_stats {
-    long long ready, delayed, due, inflight, dead;
-    long long oldest_ready_age_ms; /* -1 when empty or unknown */
-};
 int queue_sync_stats(struct rconn_sync *s, const char *ns, const char *queue,
                      struct queue_stats *out);
 long long queue_sync_dead_total(struct rconn_sync *s, const char *ns);
