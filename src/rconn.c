@@ -31,6 +31,10 @@
 
 #define RCONN_BACKOFF_MIN_MS 100
 #define RCONN_BACKOFF_MAX_MS 5000
+/* How long a connect plus handshake may take. hiredis 0.14's libuv adapter drops poll errors
+ * (a refused connect shows up as POLLERR and is silently ignored), so without this deadline a
+ * reconnect to a Redis that is still down would wait forever. */
+#define RCONN_CONNECT_TIMEOUT_MS 2000
 
 /* ---------------------------------------------------------------------------------------------
  * Reply view. struct rconn_reply is never defined: a pointer to it is a redisReply in disguise,
@@ -177,8 +181,10 @@ static void set_up(struct rconn *rc, int up)
     if (rc->up == up)
         return;
     rc->up = up;
-    if (up)
+    if (up) {
         rc->backoff_ms = RCONN_BACKOFF_MIN_MS;
+        uv_timer_stop(&rc->timer); /* the connect deadline */
+    }
     if (rc->on_state != NULL && !rc->closing)
         rc->on_state(rc->state_arg, up);
 }
@@ -216,6 +222,8 @@ static void on_connect(const redisAsyncContext *cac, int status)
     struct rconn *rc = cac->data;
     if (status != REDIS_OK) {
         /* hiredis frees the context after this callback returns. */
+        if (rc->ac != cac)
+            return; /* already given up on by the connect deadline */
         log_write(LOG_LEVEL_WARN, NULL, cac->errstr, "redis connect to %s:%d failed", rc->addr.host,
                   rc->addr.port);
         rc->ac = NULL;
@@ -230,6 +238,8 @@ static void on_connect(const redisAsyncContext *cac, int status)
 static void on_disconnect(const redisAsyncContext *cac, int status)
 {
     struct rconn *rc = cac->data;
+    if (rc->ac != cac)
+        return; /* a context the connect deadline already gave up on is being freed */
     rc->ac = NULL;
     set_up(rc, 0);
     if (rc->closing)
@@ -252,6 +262,22 @@ static void on_timer_closed(uv_handle_t *h)
 static void on_reconnect_timer(uv_timer_t *t)
 {
     start_connect(t->data);
+}
+
+/* The connect or handshake did not finish in time: drop the context and try again. */
+static void on_connect_timeout(uv_timer_t *t)
+{
+    struct rconn *rc = t->data;
+    if (rc->ac == NULL || rc->up || rc->closing)
+        return;
+    log_write(LOG_LEVEL_WARN, NULL, NULL, "redis connect to %s:%d timed out after %d ms",
+              rc->addr.host, rc->addr.port, RCONN_CONNECT_TIMEOUT_MS);
+    redisAsyncContext *ac = rc->ac;
+    rc->ac = NULL;
+    /* Fails the handshake callbacks; the disconnect callback runs only if the socket had
+     * connected, and it finds rc->ac already cleared. */
+    redisAsyncFree(ac);
+    schedule_reconnect(rc);
 }
 
 static void schedule_reconnect(struct rconn *rc)
@@ -301,6 +327,7 @@ static void start_connect(struct rconn *rc)
     for (const struct embedded_file *f = embedded_lua; f->name != NULL; f++)
         redisAsyncCommand(ac, on_handshake_step, rc, "SCRIPT LOAD %b", f->data, f->size_bytes);
     redisAsyncCommand(ac, on_handshake, rc, "PING");
+    uv_timer_start(&rc->timer, on_connect_timeout, RCONN_CONNECT_TIMEOUT_MS, 0);
 }
 
 int rconn_create(struct rconn **out, uv_loop_t *loop, const struct config_redis_addr *addr,
