@@ -87,6 +87,23 @@ void reconcile_transient(const struct reconcile_policy *p, const struct reconcil
     d->attempt_failed = true;
 }
 
+void reconcile_outage(const struct reconcile_policy *p, const struct reconcile_progress *pr,
+                      const char *reason, const char *detail, struct reconcile_decision *d)
+{
+    if (past_deadline(p, pr)) {
+        dead(d, reason);
+        snprintf(d->detail, sizeof(d->detail), "%s (gave up: job older than the retry deadline)",
+                 detail != NULL ? detail : reason);
+        return;
+    }
+    /* Full jitter over the cap: a dependency outage is not this job's fault, so it costs no
+     * attempt, and the jobs that wait for it spread out instead of returning together. */
+    decide(d, RECONCILE_WAIT, reason,
+           retry_delay_ms(p->retry_max_attempts, p->retry_base_ms, p->retry_cap_ms, 0,
+                          p->retry_after_max_ms, pr->rand64));
+    snprintf(d->detail, sizeof(d->detail), "%s", detail != NULL ? detail : reason);
+}
+
 void reconcile_breaker_open(const struct reconcile_policy *p, const struct reconcile_progress *pr,
                             uint64_t retry_in_ms, struct reconcile_decision *d)
 {
@@ -120,7 +137,7 @@ void reconcile_after_load(const struct reconcile_policy *p, const struct reconci
     case SETTLE_EUNAVAILABLE:
     case SETTLE_EIO:
     case SETTLE_ETIMEDOUT:
-        reconcile_transient(p, pr, "store_unavailable", 0, load_err, d);
+        reconcile_outage(p, pr, "store_unavailable", load_err, d);
         return;
     default:
         dead(d, "store_rejected");

@@ -13,6 +13,7 @@
  *                                        manual review
  *   PG 404                            -> re-check; past the payment window: expire
  *   PG CANCELLED for a PENDING order  -> manual review (money moved in a way we did not expect)
+ *   PostgreSQL unreachable            -> wait (no attempt spent) until the retry deadline
  *   transport error, timeout, 5xx, 429-> retry with backoff; exhausted: dead
  *                                        "gateway_unavailable"
  *   other 4xx                         -> dead "gateway_rejected"
@@ -91,6 +92,11 @@ void reconcile_after_query(const struct reconcile_policy *p, const struct reconc
 void reconcile_transient(const struct reconcile_policy *p, const struct reconcile_progress *pr,
                          const char *reason, uint64_t retry_after_ms, const char *detail,
                          struct reconcile_decision *d);
+
+/* A dependency of ours (PostgreSQL, Redis) is unreachable: WAIT a jittered backoff without
+ * spending an attempt, or DEAD past the retry deadline. */
+void reconcile_outage(const struct reconcile_policy *p, const struct reconcile_progress *pr,
+                      const char *reason, const char *detail, struct reconcile_decision *d);
 
 /* The breaker refused a call: WAIT retry_in_ms (plus up to 10% jitter), or DEAD past the
  * retry deadline. */

@@ -95,8 +95,19 @@ static void test_after_load(void)
 
     /* A database outage is transient; a constraint violation is not. */
     reconcile_after_load(&p, &pr, &j, SETTLE_EUNAVAILABLE, "connection refused", &o, &d);
-    CHECK_EQ_INT(d.verdict, RECONCILE_RETRY);
-    CHECK(d.attempt_failed);
+    CHECK_EQ_INT(d.verdict, RECONCILE_WAIT); /* an outage spends no attempt */
+    CHECK(!d.attempt_failed);
+    CHECK(d.delay_ms <= 30000);
+    CHECK_STR(d.reason, "store_unavailable");
+    pr.attempts = 100;
+    reconcile_after_load(&p, &pr, &j, SETTLE_EUNAVAILABLE, "connection refused", &o, &d);
+    CHECK_EQ_INT(d.verdict, RECONCILE_WAIT);
+    pr.attempts = 0;
+    pr.age_ms = 3600000;
+    reconcile_after_load(&p, &pr, &j, SETTLE_EUNAVAILABLE, "connection refused", &o, &d);
+    CHECK_EQ_INT(d.verdict, RECONCILE_DEAD);
+    CHECK_STR(d.reason, "store_unavailable");
+    pr.age_ms = 0;
     reconcile_after_load(&p, &pr, &j, SETTLE_EREJECTED, "SQLSTATE 23514", &o, &d);
     CHECK_EQ_INT(d.verdict, RECONCILE_DEAD);
     CHECK_STR(d.reason, "store_rejected");
