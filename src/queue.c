@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
 #include "settle/error.h"
 
 #define KEY_MAX 512

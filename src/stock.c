@@ -3,11 +3,13 @@
  *
  * Each operation validates its input, builds KEYS and ARGV for one of the lua/stock_*.lua
  * scripts (every key a script touches is passed in KEYS, all under the "{ns}" hash tag) and
- * runs it through rconn; the script's answer word is mapped to enum stock_result. The reaper
+ * runs it through rconn; the script's answer word is mapped to enum stock_result. A refund's
+ * restock (stock_restock) runs lua/stock_restock.lua the same way. The reaper
  * (stock_reap) chains stock_due -> HGETALL of each due reservation (to learn its SKUs) ->
  * stock_release. The synchronous functions serve the CLI.
  *
- * Thread: stock_commit, stock_release, stock_reap and all their callbacks run on the loop
+ * Thread: stock_commit, stock_release, stock_restock, stock_reap and all their callbacks run on
+ * the loop
  * thread; stock_sync_* run on the calling thread with that thread's struct rconn_sync.
  * Ownership: every async call owns one small heap context (struct op, struct reap) from the
  * call until its last callback, which frees it; replies are never kept past their callback
@@ -285,6 +287,26 @@ static int build_release(struct script_args *a, const char *ns, const char *orde
     return 0;
 }
 
+/* stock_restock.lua: KEYS the reservation and the stock keys (no deadline set); ARGV
+ * order_id, refund id, then sku/qty pairs. */
+static int build_restock(struct script_args *a, const char *ns, const char *order_id,
+                         const char *refund_id, const struct stock_items *items)
+{
+    memset(a, 0, offsetof(struct script_args, argv));
+    int ret = args_key(a, ns, "resv:", order_id);
+    for (unsigned i = 0; ret == 0 && i < items->n; i++)
+        ret = args_key(a, ns, "stock:", items->sku[i]);
+    if (ret != 0)
+        return ret;
+    args_str(a, order_id);
+    args_str(a, refund_id);
+    for (unsigned i = 0; i < items->n; i++) {
+        args_str(a, items->sku[i]);
+        args_num(a, items->qty[i]);
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Script answers.
  */
@@ -292,6 +314,7 @@ enum stock_op {
     STOCK_OP_RESERVE,
     STOCK_OP_COMMIT,
     STOCK_OP_RELEASE,
+    STOCK_OP_RESTOCK,
 };
 
 static const struct {
@@ -310,6 +333,10 @@ static const struct {
     {"already_released", STOCK_ALREADY_RELEASED, STOCK_OP_RELEASE},
     {"not_reserved", STOCK_NOT_RESERVED, STOCK_OP_RELEASE},
     {"missing", STOCK_MISSING, STOCK_OP_RELEASE},
+    {"restocked", STOCK_RESTOCKED, STOCK_OP_RESTOCK},
+    {"already_restocked", STOCK_ALREADY_RESTOCKED, STOCK_OP_RESTOCK},
+    {"not_committed", STOCK_NOT_COMMITTED, STOCK_OP_RESTOCK},
+    {"missing", STOCK_MISSING, STOCK_OP_RESTOCK},
 };
 
 #define ANSWERS_N (sizeof(answers) / sizeof(answers[0]))
@@ -332,6 +359,8 @@ static const char *op_script(enum stock_op op)
         return "stock_commit";
     case STOCK_OP_RELEASE:
         return "stock_release";
+    case STOCK_OP_RESTOCK:
+        return "stock_restock";
     default:
         STOCK_ASSERT(!"unknown stock op");
         return NULL;
@@ -528,6 +557,35 @@ int stock_release(struct rconn *rc, const char *ns, const char *order_id,
                   const struct stock_items *items, stock_cb cb, void *arg)
 {
     return start_op(rc, ns, order_id, items, STOCK_OP_RELEASE, cb, arg);
+}
+
+int stock_restock(struct rconn *rc, const char *ns, const char *order_id, const char *refund_id,
+                  const struct stock_items *items, stock_cb cb, void *arg)
+{
+    size_t id_len = refund_id != NULL ? strnlen(refund_id, JOB_ID_MAX + 1) : 0;
+    if (rc == NULL || cb == NULL || !ns_ok(ns) || !order_id_cstr_ok(order_id) || id_len == 0 ||
+        id_len > JOB_ID_MAX)
+        return SETTLE_EINVAL;
+    int ret = items_ok(items, 1, 1, NULL, 0);
+    if (ret != 0)
+        return ret;
+    struct script_args a;
+    ret = build_restock(&a, ns, order_id, refund_id, items);
+    if (ret != 0)
+        return ret;
+    struct op *op = calloc(1, sizeof(*op));
+    if (op == NULL)
+        return SETTLE_ENOMEM;
+    op->kind = STOCK_OP_RESTOCK;
+    op->cb = cb;
+    op->arg = arg;
+    memcpy(op->order_id, order_id, strlen(order_id) + 1);
+    /* EVALSHA stock_restock: resv, stock keys; order_id, refund id, items. */
+    ret = rconn_eval(rc, op_script(STOCK_OP_RESTOCK), a.nkeys, a.argc, a.argv, a.len, on_op_answer,
+                     op);
+    if (ret != 0)
+        free(op);
+    return ret;
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -1197,3 +1197,575 @@ out:
     outcome_text_free(&t);
     return rc;
 }
+
+/* --- Refunds -----------------------------------------------------------------------------------
+ */
+
+/* Columns of a refunds row as refund_row_read expects them. */
+#define REFUND_COLUMNS                                                                             \
+    "id, order_id, user_id, transaction_key, state, amount_minor, restock, restocked, "            \
+    "attempts, coalesce(failure_reason, ''), coalesce(last_error, '')"
+
+/* Fills row from row i of res (REFUND_COLUMNS). */
+static int refund_row_read(struct session *ss, const PGresult *res, int i, struct refund_row *row)
+{
+    int64_t amount, attempts;
+    int rc;
+
+    memset(row, 0, sizeof(*row));
+    rc = copy_id(ss, row->id, sizeof(row->id), PQgetvalue(res, i, 0), "refunds.id");
+    if (rc == 0)
+        rc = copy_id(ss, row->order_id, sizeof(row->order_id), PQgetvalue(res, i, 1),
+                     "refunds.order_id");
+    if (rc == 0)
+        rc = copy_id(ss, row->user_id, sizeof(row->user_id), PQgetvalue(res, i, 2),
+                     "refunds.user_id");
+    if (rc == 0)
+        rc = copy_id(ss, row->transaction_key, sizeof(row->transaction_key), PQgetvalue(res, i, 3),
+                     "refunds.transaction_key");
+    if (rc != 0)
+        return rc;
+    if (refund_state_parse(PQgetvalue(res, i, 4), &row->state) != 0 ||
+        parse_i64(PQgetvalue(res, i, 5), &amount) != 0 || amount <= 0 ||
+        parse_i64(PQgetvalue(res, i, 8), &attempts) != 0 || attempts < 0 ||
+        (uint64_t)attempts > UINT_MAX) {
+        err_set(ss->err, ss->err_len, "postgresql: ", "unexpected value in the refunds row");
+        return SETTLE_EPARSE;
+    }
+    row->amount_minor = amount;
+    row->pg_attempts = (unsigned)attempts;
+    row->restock = strcmp(PQgetvalue(res, i, 6), "t") == 0;
+    row->restocked = strcmp(PQgetvalue(res, i, 7), "t") == 0;
+    /* Reason codes and messages are for people: cutting them is fine. */
+    copy_text(row->failure_reason, sizeof(row->failure_reason), PQgetvalue(res, i, 9));
+    copy_text(row->last_error, sizeof(row->last_error), PQgetvalue(res, i, 10));
+    return 0;
+}
+
+/* Reads refund `id`; *found says whether it exists. */
+static int refund_select(struct session *ss, const char *id, struct refund_row *row, bool *found)
+{
+    const char *params[1] = {id};
+    PGresult *res = NULL;
+    int rc;
+
+    *found = false;
+    /* Reads one refund row by its id (the Idempotency-Key). */
+    rc = exec_params(ss, "SELECT " REFUND_COLUMNS " FROM refunds WHERE id = $1::text", 1, params,
+                     &res);
+    if (rc == 0 && PQntuples(res) > 0) {
+        rc = refund_row_read(ss, res, 0, row);
+        *found = rc == 0;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* Sums the order's other refunds: live ones (they count against the balance) and
+ * SUCCEEDED ones (money that went back already). */
+static int refund_sums(struct session *ss, const char *order_id, const char *id, int64_t *live,
+                       int64_t *succeeded)
+{
+    const char *params[2] = {order_id, id};
+    PGresult *res = NULL;
+    int rc;
+
+    /* Sums the order's refunds other than $2, live (not FAILED) and SUCCEEDED. */
+    rc = exec_params(ss,
+                     "SELECT coalesce(sum(amount_minor) FILTER (WHERE state IN ('REQUESTED', "
+                     "'SUCCEEDED', 'UNKNOWN', 'MANUAL_REVIEW')), 0), "
+                     "coalesce(sum(amount_minor) FILTER (WHERE state = 'SUCCEEDED'), 0) "
+                     "FROM refunds WHERE order_id = $1::text AND id <> $2::text",
+                     2, params, &res);
+    if (rc == 0 && (parse_i64(PQgetvalue(res, 0, 0), live) != 0 ||
+                    parse_i64(PQgetvalue(res, 0, 1), succeeded) != 0)) {
+        err_set(ss->err, ss->err_len, "postgresql: ", "unexpected refund sum");
+        rc = SETTLE_EPARSE;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* Locks the order's payment row and reads what refund_admit needs. */
+static int refund_payment_lock(struct session *ss, const char *order_id,
+                               struct refund_payment_view *v)
+{
+    const char *params[1] = {order_id};
+    PGresult *res = NULL;
+    int64_t amount;
+    int rc;
+
+    memset(v, 0, sizeof(*v));
+    /* Locks the payment row (FOR UPDATE): every refund of this order queues up here, so the
+     * balance check below and the insert are atomic with respect to each other. */
+    rc = exec_params(ss,
+                     "SELECT p.status, p.user_id, coalesce(p.transaction_key, ''), "
+                     "p.amount_minor, o.user_id FROM payments p JOIN orders o ON o.id = "
+                     "p.order_id WHERE p.order_id = $1::text FOR UPDATE OF p",
+                     1, params, &res);
+    if (rc != 0)
+        goto out;
+    if (PQntuples(res) > 0) {
+        v->order_found = true;
+        v->payment_found = true;
+        rc = copy_id(ss, v->status, sizeof(v->status), PQgetvalue(res, 0, 0), "payments.status");
+        if (rc == 0)
+            rc = copy_id(ss, v->user_id, sizeof(v->user_id), PQgetvalue(res, 0, 1),
+                         "payments.user_id");
+        if (rc == 0)
+            rc = copy_id(ss, v->transaction_key, sizeof(v->transaction_key), PQgetvalue(res, 0, 2),
+                         "payments.transaction_key");
+        if (rc == 0)
+            rc = copy_id(ss, v->order_user_id, sizeof(v->order_user_id), PQgetvalue(res, 0, 4),
+                         "orders.user_id");
+        if (rc == 0 && parse_i64(PQgetvalue(res, 0, 3), &amount) != 0) {
+            err_set(ss->err, ss->err_len, "postgresql: ", "unexpected payments.amount_minor");
+            rc = SETTLE_EPARSE;
+        }
+        if (rc == 0)
+            v->amount_minor = amount;
+        goto out;
+    }
+    PQclear(res);
+    res = NULL;
+    /* No payment: does the order exist at all, and whose is it? */
+    rc = exec_params(ss, "SELECT user_id FROM orders WHERE id = $1::text", 1, params, &res);
+    if (rc == 0 && PQntuples(res) > 0) {
+        v->order_found = true;
+        rc = copy_id(ss, v->order_user_id, sizeof(v->order_user_id), PQgetvalue(res, 0, 0),
+                     "orders.user_id");
+    }
+out:
+    PQclear(res);
+    return rc;
+}
+
+/* The order's items in sku order (for the Redis restock). */
+static int refund_items(struct session *ss, const char *order_id, struct store_refund *out)
+{
+    char limit[16];
+    const char *params[2] = {order_id, limit};
+    PGresult *res = NULL;
+    int n, rc;
+
+    snprintf(limit, sizeof(limit), "%d", STORE_ITEMS_MAX + 1);
+    /* Loads the order's items in sku order, at most STORE_ITEMS_MAX + 1 of them. */
+    rc = exec_params(ss,
+                     "SELECT sku, qty FROM order_items WHERE order_id = $1::text "
+                     "ORDER BY sku LIMIT $2::integer",
+                     2, params, &res);
+    if (rc != 0)
+        goto out;
+    n = PQntuples(res);
+    if (n > STORE_ITEMS_MAX) {
+        err_set(ss->err, ss->err_len, "order has more items than settle accepts", "");
+        rc = SETTLE_ETOOBIG;
+        goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        int64_t qty;
+        rc = copy_id(ss, out->items[i].sku, sizeof(out->items[i].sku), PQgetvalue(res, i, 0),
+                     "order_items.sku");
+        if (rc != 0)
+            goto out;
+        if (parse_i64(PQgetvalue(res, i, 1), &qty) != 0 || qty <= 0 || qty > INT32_MAX) {
+            err_set(ss->err, ss->err_len, "postgresql: ", "unexpected order_items.qty");
+            rc = SETTLE_EPARSE;
+            goto out;
+        }
+        out->items[i].qty = (int32_t)qty;
+    }
+    out->n_items = (unsigned)n;
+out:
+    PQclear(res);
+    return rc;
+}
+
+/* Inserts the refund as REQUESTED unless a row with its id exists. */
+static int refund_insert(struct session *ss, const struct job *job, const char *id,
+                         int64_t amount_minor)
+{
+    char amount[24];
+    char *reason = NULL;
+    bool oom = false;
+    int rc;
+
+    snprintf(amount, sizeof(amount), "%" PRId64, amount_minor);
+    if (job->reason[0] != '\0') {
+        reason = text_dup_clean(job->reason, &oom);
+        if (oom)
+            return SETTLE_ENOMEM;
+    }
+    const char *params[7] = {id,     job->order_id, job->transaction_key,           job->user_id,
+                             amount, reason,        job->restock ? "true" : "false"};
+    /* INSERT the refund as REQUESTED; a row already there with this id wins. */
+    rc = exec_params(ss,
+                     "INSERT INTO refunds (id, order_id, transaction_key, user_id, amount_minor, "
+                     "reason, restock, state) VALUES ($1::text, $2::text, $3::text, $4::text, "
+                     "$5::bigint, $6::text, $7::boolean, 'REQUESTED') "
+                     "ON CONFLICT (id) DO NOTHING",
+                     7, params, NULL);
+    free(reason);
+    return rc;
+}
+
+int store_refund_open_work(struct store *s, const struct job *job, const char *refund_id,
+                           struct store_refund *out, char *err, size_t err_len)
+{
+    struct refund_payment_view v;
+    struct session ss = {0};
+    int64_t live = 0, succeeded = 0, amount = 0;
+    bool found = false;
+    int rc;
+
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    if (s == NULL || job == NULL || refund_id == NULL || refund_id[0] == '\0' || out == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    memset(out, 0, sizeof(*out));
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    rc = refund_payment_lock(&ss, job->order_id, &v);
+    if (rc != 0)
+        goto out;
+    rc = refund_select(&ss, refund_id, &out->row, &found);
+    if (rc != 0)
+        goto out;
+    if (found) {
+        /* A redelivery (or the same request enqueued again): the row, whatever its state,
+         * is the refund; nothing new is inserted. */
+        out->admission = refund_match_existing(job, &out->row, out->why, sizeof(out->why));
+    } else {
+        rc = refund_sums(&ss, job->order_id, refund_id, &live, &succeeded);
+        if (rc != 0)
+            goto out;
+        v.live_others_minor = live;
+        out->admission = refund_admit(job, &v, &amount, out->why, sizeof(out->why));
+        if (out->admission == REFUND_ADMIT_OK) {
+            rc = refund_insert(&ss, job, refund_id, amount);
+            if (rc == 0)
+                rc = refund_select(&ss, refund_id, &out->row, &found);
+            if (rc != 0)
+                goto out;
+            if (!found) {
+                err_set(err, err_len, "postgresql: ", "the refund row vanished after its insert");
+                rc = SETTLE_EINTERNAL;
+                goto out;
+            }
+            /* The id may have been taken by a refund of another order in the meantime
+             * (another payment lock): the row read back must be ours. */
+            out->row.created = out->row.amount_minor == amount &&
+                               refund_match_existing(job, &out->row, NULL, 0) == REFUND_ADMIT_OK;
+            out->admission = refund_match_existing(job, &out->row, out->why, sizeof(out->why));
+        }
+    }
+    if (out->admission == REFUND_ADMIT_OK) {
+        rc = refund_sums(&ss, job->order_id, refund_id, &live, &succeeded);
+        if (rc == 0)
+            rc = refund_items(&ss, job->order_id, out);
+        if (rc != 0)
+            goto out;
+        out->row.others_succeeded_minor = succeeded;
+    }
+    rc = tx_commit(&ss);
+out:
+    session_close(&ss);
+    return rc;
+}
+
+/* Writes a job_log row from the job_log fields of log (NULL: nothing), with
+ * log->result_unapplied as the result when the refund did not change (and one is given). */
+static int refund_job_log(struct session *ss, const struct store_outcome *log, bool changed)
+{
+    struct outcome_text t = {0};
+    bool oom = false;
+    int rc;
+
+    if (log == NULL || log->job_id == NULL)
+        return 0;
+    if (log->queue == NULL || log->result == NULL || log->outcome == NULL ||
+        (strcmp(log->outcome, "done") != 0 && strcmp(log->outcome, "dead") != 0)) {
+        err_set(ss->err, ss->err_len, "invalid outcome: ",
+                "a job_log row needs queue, result and outcome \"done\" or \"dead\"");
+        return SETTLE_EINVAL;
+    }
+    t.last_error = text_dup_clean(log->last_error, &oom);
+    if (oom)
+        return SETTLE_ENOMEM;
+    rc = job_log_insert(ss, log, &t,
+                        !changed && log->result_unapplied != NULL ? log->result_unapplied
+                                                                  : log->result);
+    outcome_text_free(&t);
+    return rc;
+}
+
+/* The refund's state as the transaction leaves it; SETTLE_ENOTFOUND when it has no row. */
+static int refund_state_read(struct session *ss, const char *id, enum refund_state *state)
+{
+    const char *params[1] = {id};
+    PGresult *res = NULL;
+    int rc;
+
+    /* Reads the refund's state. */
+    rc = exec_params(ss, "SELECT state FROM refunds WHERE id = $1::text", 1, params, &res);
+    if (rc == 0 && PQntuples(res) == 0) {
+        err_set(ss->err, ss->err_len, "no refund with this id", "");
+        rc = SETTLE_ENOTFOUND;
+    } else if (rc == 0 && refund_state_parse(PQgetvalue(res, 0, 0), state) != 0) {
+        err_set(ss->err, ss->err_len, "postgresql: ", "unexpected refunds.state");
+        rc = SETTLE_EPARSE;
+    }
+    PQclear(res);
+    return rc;
+}
+
+int store_refund_mark_work(struct store *s, const char *refund_id, enum refund_state to,
+                           const char *pg_status, const char *failure_reason,
+                           const char *last_error, const struct store_outcome *log,
+                           enum refund_state *state_after, char *err, size_t err_len)
+{
+    struct session ss = {0};
+    char *pg = NULL, *msg = NULL;
+    enum refund_state after = REFUND_REQUESTED;
+    bool oom = false;
+    int rc;
+
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    if (s == NULL || refund_id == NULL || refund_state_name(to) == NULL || to == REFUND_REQUESTED ||
+        to == REFUND_SUCCEEDED || (log != NULL && log->action != STORE_ACTION_NONE)) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    pg = text_dup_clean(pg_status, &oom);
+    msg = text_dup_clean(last_error, &oom);
+    if (oom) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    const char *params[6] = {refund_id, refund_state_name(to),     pg, failure_reason,
+                             msg,       refund_sources_literal(to)};
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* Moves the refund to $2 when the transition table allows it from its current state
+     * ($6) or it is there already (then only the error text and attempt count change). */
+    rc = exec_params(&ss,
+                     "UPDATE refunds SET state = $2::text, "
+                     "pg_status = coalesce($3::text, pg_status), "
+                     "failure_reason = coalesce($4::text, failure_reason), "
+                     "last_error = $5::text, attempts = attempts + 1, updated_at = now() "
+                     "WHERE id = $1::text AND (state = ANY ($6::text[]) OR state = $2::text)",
+                     6, params, NULL);
+    if (rc != 0)
+        goto out;
+    rc = refund_state_read(&ss, refund_id, &after);
+    if (rc == 0 && after == to)
+        rc = refund_job_log(&ss, log, true);
+    if (rc == 0)
+        rc = tx_commit(&ss);
+    if (rc == 0 && state_after != NULL)
+        *state_after = after;
+out:
+    session_close(&ss);
+    free(pg);
+    free(msg);
+    return rc;
+}
+
+/* Reads a decimal column or fails with a message naming it. */
+static int column_i64(struct session *ss, const PGresult *res, int col, const char *what,
+                      int64_t *out)
+{
+    if (parse_i64(PQgetvalue(res, 0, col), out) != 0) {
+        err_set(ss->err, ss->err_len, "postgresql: unexpected ", what);
+        return SETTLE_EPARSE;
+    }
+    return 0;
+}
+
+/* Adds the refunded amount to the payment and the order and moves their statuses. */
+static int refund_apply_amounts(struct session *ss, const char *order_id, int64_t amount,
+                                const PGresult *locked)
+{
+    int64_t pay_amount, pay_refunded, ord_amount, ord_refunded;
+    char pay_text[24], ord_text[24];
+    const char *pay_status, *ord_status;
+    int rc;
+
+    rc = column_i64(ss, locked, 0, "payments.amount_minor", &pay_amount);
+    if (rc == 0)
+        rc = column_i64(ss, locked, 1, "payments.refunded_minor", &pay_refunded);
+    if (rc == 0)
+        rc = column_i64(ss, locked, 3, "orders.amount_minor", &ord_amount);
+    if (rc == 0)
+        rc = column_i64(ss, locked, 4, "orders.refunded_minor", &ord_refunded);
+    if (rc != 0)
+        return rc;
+    pay_refunded += amount;
+    /* The guard keeps refunds within the payment's amount. The order's amount is the same
+     * in every flow settle runs (reconcile refuses a PG amount that differs), but should
+     * they ever differ the order's CHECK must not undo a refund the PG already made: the
+     * payment row carries the exact figure. */
+    ord_refunded = ord_refunded + amount > ord_amount ? ord_amount : ord_refunded + amount;
+    pay_status = refund_payment_status(pay_amount, pay_refunded);
+    ord_status = refund_order_status(PQgetvalue(locked, 0, 2), ord_amount, ord_refunded);
+    snprintf(pay_text, sizeof(pay_text), "%" PRId64, pay_refunded);
+    snprintf(ord_text, sizeof(ord_text), "%" PRId64, ord_refunded);
+    const char *pay_params[3] = {order_id, pay_text, pay_status};
+    const char *ord_params[3] = {order_id, ord_text, ord_status};
+    /* Adds the refund to the payment; CHECK (refunded_minor <= amount_minor) backs the guard. */
+    rc = exec_params(ss,
+                     "UPDATE payments SET refunded_minor = $2::bigint, status = $3::text, "
+                     "updated_at = now() WHERE order_id = $1::text",
+                     3, pay_params, NULL);
+    if (rc != 0)
+        return rc;
+    /* Adds the refund to the order and moves its status (kept unless it was completed). */
+    return exec_params(ss,
+                       "UPDATE orders SET refunded_minor = $2::bigint, status = $3::text, "
+                       "updated_at = now() WHERE id = $1::text",
+                       3, ord_params, NULL);
+}
+
+/* The restock step: once per order, and units only where the order had taken them. */
+static int refund_restock(struct session *ss, const char *refund_id, const char *order_id,
+                          bool completed, bool *ran)
+{
+    const char *params[1] = {refund_id};
+    const char *order_params[1] = {order_id};
+    int64_t rows = 0;
+    int rc;
+
+    *ran = false;
+    /* Marks the refund restocked unless it or another refund of its order already did. */
+    rc = exec_count(ss,
+                    "UPDATE refunds r SET restocked = true, updated_at = now() "
+                    "WHERE r.id = $1::text AND r.state = 'SUCCEEDED' AND NOT r.restocked "
+                    "AND NOT EXISTS (SELECT 1 FROM refunds x WHERE x.order_id = r.order_id "
+                    "AND x.restocked AND x.id <> r.id)",
+                    1, params, &rows);
+    if (rc != 0 || rows == 0)
+        return rc;
+    *ran = true;
+    /* Only a completed order took its units off products.stock (outcome_complete); one
+     * that failed (out_of_stock after the charge) never did, so nothing goes back. */
+    if (!completed)
+        return 0;
+    /* Locks the order's products in sku order, as outcome_complete does, so the two never
+     * deadlock. */
+    rc = exec_params(ss,
+                     "SELECT p.sku FROM products p JOIN order_items i ON i.sku = p.sku "
+                     "WHERE i.order_id = $1::text ORDER BY p.sku FOR UPDATE OF p",
+                     1, order_params, NULL);
+    if (rc != 0)
+        return rc;
+    /* Puts the order's items back on hand. */
+    return exec_params(ss,
+                       "UPDATE products p SET stock = p.stock + i.qty, updated_at = now() "
+                       "FROM order_items i WHERE i.order_id = $1::text AND p.sku = i.sku",
+                       1, order_params, NULL);
+}
+
+int store_refund_succeed_work(struct store *s, const struct store_refund_success *in,
+                              struct store_refund_result *out, char *err, size_t err_len)
+{
+    struct session ss = {0};
+    PGresult *locked = NULL, *res = NULL;
+    char *pg = NULL;
+    bool oom = false, completed;
+    int rc;
+
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    if (s == NULL || in == NULL || out == NULL || in->refund_id == NULL || in->order_id == NULL ||
+        (in->log != NULL && in->log->action != STORE_ACTION_NONE)) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    memset(out, 0, sizeof(*out));
+    pg = text_dup_clean(in->pg_status, &oom);
+    if (oom) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    const char *lock_params[1] = {in->order_id};
+    const char *ok_params[4] = {in->refund_id, pg, in->order_id,
+                                refund_sources_literal(REFUND_SUCCEEDED)};
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* Locks the payment and order rows (as the refund guard does) and reads their amounts. */
+    rc = exec_params(&ss,
+                     "SELECT p.amount_minor, p.refunded_minor, o.status, o.amount_minor, "
+                     "o.refunded_minor, o.completed_at IS NOT NULL "
+                     "FROM payments p JOIN orders o ON o.id = p.order_id "
+                     "WHERE p.order_id = $1::text FOR UPDATE OF p, o",
+                     1, lock_params, &locked);
+    if (rc != 0)
+        goto out;
+    if (PQntuples(locked) == 0) {
+        err_set(err, err_len, "the refunded order has no payment row", "");
+        rc = SETTLE_ENOTFOUND;
+        goto out;
+    }
+    completed = strcmp(PQgetvalue(locked, 0, 5), "t") == 0;
+    /* Moves the refund to SUCCEEDED when the table allows it; RETURNING says it happened. */
+    rc = exec_params(&ss,
+                     "UPDATE refunds SET state = 'SUCCEEDED', pg_status = $2::text, "
+                     "failure_reason = NULL, last_error = NULL, attempts = attempts + 1, "
+                     "updated_at = now() WHERE id = $1::text AND order_id = $3::text "
+                     "AND state = ANY ($4::text[]) RETURNING amount_minor",
+                     4, ok_params, &res);
+    if (rc != 0)
+        goto out;
+    if (PQntuples(res) > 0) {
+        int64_t amount;
+        rc = column_i64(&ss, res, 0, "refunds.amount_minor", &amount);
+        if (rc == 0)
+            rc = refund_apply_amounts(&ss, in->order_id, amount, locked);
+        if (rc != 0)
+            goto out;
+        out->changed = true;
+    }
+    rc = refund_state_read(&ss, in->refund_id, &out->state_after);
+    if (rc == 0 && in->restock && out->state_after == REFUND_SUCCEEDED)
+        rc = refund_restock(&ss, in->refund_id, in->order_id, completed, &out->restocked);
+    if (rc == 0 && out->state_after == REFUND_SUCCEEDED)
+        rc = refund_job_log(&ss, in->log, out->changed);
+    if (rc != 0)
+        goto out;
+    PQclear(res);
+    res = NULL;
+    /* Reads the statuses this transaction leaves, for the job's log line. */
+    rc = exec_params(&ss,
+                     "SELECT o.status, p.status FROM orders o JOIN payments p "
+                     "ON p.order_id = o.id WHERE o.id = $1::text",
+                     1, lock_params, &res);
+    if (rc == 0 && PQntuples(res) > 0) {
+        copy_text(out->order_status, sizeof(out->order_status), PQgetvalue(res, 0, 0));
+        copy_text(out->payment_status, sizeof(out->payment_status), PQgetvalue(res, 0, 1));
+    }
+    if (rc == 0)
+        rc = tx_commit(&ss);
+out:
+    if (rc != 0 && out != NULL)
+        out->changed = out->restocked = false;
+    PQclear(locked);
+    PQclear(res);
+    session_close(&ss);
+    free(pg);
+    return rc;
+}

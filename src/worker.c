@@ -16,8 +16,21 @@
  *           -> [REFUND_ENQUEUE (Redis: out-of-stock refund job)]
  *           -> STORING (pool: one PostgreSQL transaction: order, payment, stock, job_log)
  *           -> FINISHING (Redis Lua: ack, retry or bury, fenced) -> DONE
- * Every effect is idempotent (Lua state machines, conditional SQL, ON CONFLICT job_log), so a
- * job redelivered after a crash at any point converges to the same end state.
+ * A refund job's life (policy in refund.c):
+ *   CLAIMED -> OPENING (pool: one PostgreSQL transaction under the payment's row lock: find
+ *              the refund row or insert it REQUESTED within the balance; committed before any
+ *              PG call)
+ *           -> CANCELLING (pool: PG cancel with the refund id as Idempotency-Key, every try)
+ *           -> [RESOLVING (pool: PG status, after a 409)]
+ *           -> [MARKING (pool: refund row UNKNOWN before a retry, or FAILED / MANUAL_REVIEW
+ *              with the job_log row before the DLQ)]
+ *           -> [RESTOCKING (Redis Lua: units back once per order, by refund id)]
+ *           -> SETTLING (pool: one PostgreSQL transaction: refund SUCCEEDED, payment and order
+ *              amounts and statuses, products.stock, job_log)
+ *           -> FINISHING -> DONE
+ * Every effect is idempotent (Lua state machines, conditional SQL, ON CONFLICT job_log, the
+ * PG's Idempotency-Key), so a job redelivered after a crash at any point converges to the
+ * same end state.
  */
 #include "settle/worker.h"
 
@@ -41,6 +54,7 @@
 #include "settle/queue.h"
 #include "settle/rconn.h"
 #include "settle/reconcile.h"
+#include "settle/refund.h"
 #include "settle/retry.h"
 #include "settle/stock.h"
 #include "settle/store.h"
@@ -52,25 +66,62 @@ enum job_state {
     JOB_STOCK,
     JOB_REFUND_ENQUEUE,
     JOB_STORING,
+    JOB_OPENING,    /* refund: find or create the refund row */
+    JOB_CANCELLING, /* refund: PG cancel */
+    JOB_RESOLVING,  /* refund: PG status after a 409 */
+    JOB_MARKING,    /* refund: row UNKNOWN / FAILED / MANUAL_REVIEW */
+    JOB_RESTOCKING, /* refund: Redis restock */
+    JOB_SETTLING,   /* refund: the success transaction */
     JOB_FINISHING,
     JOB_DONE,
     JOB_STATE_COUNT
 };
 
 static const char *const job_state_names[JOB_STATE_COUNT] = {
-    "claimed", "loading", "querying", "stock", "refund_enqueue", "storing", "finishing", "done",
+    "claimed",    "loading",   "querying", "stock",      "refund_enqueue", "storing",   "opening",
+    "cancelling", "resolving", "marking",  "restocking", "settling",       "finishing", "done",
 };
 
 /* allowed[from][to]: the only transitions job_set_state accepts. Any state may go to DONE,
  * which is how a job handed back at shutdown is dropped once its pending call returns. */
 static const bool job_allowed[JOB_STATE_COUNT][JOB_STATE_COUNT] = {
-    [JOB_CLAIMED] = {[JOB_LOADING] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
+    [JOB_CLAIMED] = {[JOB_LOADING] = 1,
+                     [JOB_OPENING] = 1,
+                     [JOB_STORING] = 1,
+                     [JOB_FINISHING] = 1,
+                     [JOB_DONE] = 1},
     [JOB_LOADING] = {[JOB_QUERYING] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
     [JOB_QUERYING] = {[JOB_STOCK] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
     [JOB_STOCK] =
         {[JOB_REFUND_ENQUEUE] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
     [JOB_REFUND_ENQUEUE] = {[JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
     [JOB_STORING] = {[JOB_FINISHING] = 1, [JOB_DONE] = 1},
+    /* Refunds. STORING is where a refund that never touched its row is dead-lettered (with
+     * its job_log row), as for reconcile jobs. */
+    [JOB_OPENING] = {[JOB_CANCELLING] = 1,
+                     [JOB_RESTOCKING] = 1,
+                     [JOB_SETTLING] = 1,
+                     [JOB_STORING] = 1,
+                     [JOB_FINISHING] = 1,
+                     [JOB_DONE] = 1},
+    [JOB_CANCELLING] = {[JOB_RESOLVING] = 1,
+                        [JOB_MARKING] = 1,
+                        [JOB_RESTOCKING] = 1,
+                        [JOB_SETTLING] = 1,
+                        [JOB_FINISHING] = 1,
+                        [JOB_DONE] = 1},
+    [JOB_RESOLVING] = {[JOB_MARKING] = 1,
+                       [JOB_RESTOCKING] = 1,
+                       [JOB_SETTLING] = 1,
+                       [JOB_FINISHING] = 1,
+                       [JOB_DONE] = 1},
+    [JOB_MARKING] = {[JOB_RESTOCKING] = 1,
+                     [JOB_SETTLING] = 1,
+                     [JOB_STORING] = 1,
+                     [JOB_FINISHING] = 1,
+                     [JOB_DONE] = 1},
+    [JOB_RESTOCKING] = {[JOB_SETTLING] = 1, [JOB_DONE] = 1},
+    [JOB_SETTLING] = {[JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
     [JOB_FINISHING] = {[JOB_DONE] = 1},
     [JOB_DONE] = {0},
 };
@@ -84,6 +135,7 @@ enum finish_op {
 
 enum breaker_class {
     BREAKER_CLASS_STATUS = 0, /* GET payment status */
+    BREAKER_CLASS_CANCEL = 1, /* POST cancel (refunds) */
     BREAKER_CLASS_COUNT
 };
 
@@ -116,6 +168,20 @@ struct wjob {
     bool applied;
     char status_after[STORE_STATUS_MAX];
 
+    /* Refund jobs only. d.detail and d.attempt_failed are kept in step with rd, because
+     * finishing (job_finish, store_work) reads them for every kind of job. */
+    char refund_id[REFUND_ID_MAX + 1];
+    struct refund_progress rpr;
+    struct refund_decision rd;
+    struct store_refund rf;
+    struct store_refund_result rres;
+    enum refund_state mark_to;
+    enum refund_state mark_after;
+    char pg_status[32];                     /* the PG's word for the refunds row */
+    char conflict_error[GATEWAY_ERROR_MAX]; /* the 409 that led to RESOLVING */
+    bool restock_failed;
+    int restock_status; /* the failed restock's error */
+
     enum finish_op finish;
     uint64_t finish_delay_ms;
     bool finish_consume;
@@ -131,6 +197,10 @@ struct wqueue {
     struct rconn *waiter; /* blocking waits only */
     bool claiming;
     bool waiting;
+    /* The last claim came back short: the queue is empty for now. It claims again when its
+     * waiter sees a job, its wake timer fires (a delayed job falls due) or an error clears
+     * it, so an empty queue neither spins nor holds the capacity other queues could use. */
+    bool dry;
     unsigned reserved;     /* slots asked for by an outstanding claim */
     uv_timer_t wake_timer; /* claims again when a delayed job falls due or after an error */
 };
@@ -149,6 +219,7 @@ struct worker {
     struct store *store;
     struct breaker breakers[BREAKER_CLASS_COUNT];
     struct reconcile_policy policy;
+    struct refund_policy refund_policy;
     uint64_t rand_state;
 
     struct wjob *jobs; /* in-flight list head */
@@ -504,8 +575,8 @@ static void after_store(uv_work_t *req, int status)
         j->dead_reason = "store_rejected";
         j->result = "store_rejected";
         j->finish = FINISH_BURY;
-        job_set_state(j, JOB_STORING);
-        /* Write the dead job's log row (no order change) before burying it. */
+        /* Write the dead job's log row (no order change) before burying it; the job is in
+         * STORING already, so this is another run of the same step, not a transition. */
         uv_queue_work(j->w->loop, &j->work, store_work, after_store);
         return;
     }
@@ -712,7 +783,6 @@ static void on_refund_enqueued(void *arg, int status, long long result)
     if (status != 0) {
         /* Without the refund job the order must stay PENDING; the sticky out_of_stock
          * reservation gives the next delivery the same answer, and it tries again. */
-        j->state = JOB_REFUND_ENQUEUE;
         redis_transient(j, status, "could not enqueue the out-of-stock refund");
         return;
     }
@@ -724,7 +794,7 @@ static void on_refund_enqueued(void *arg, int status, long long result)
 /* ---------------------------------------------------------------------------------------------
  * QUERYING: ask the PG on a pool thread.
  */
-static const char *const breaker_class_names[BREAKER_CLASS_COUNT] = {"status"};
+static const char *const breaker_class_names[BREAKER_CLASS_COUNT] = {"status", "cancel"};
 
 /* Logs a breaker's state change (operators watch for "breaker ... open"). */
 static void breaker_note(struct worker *w, enum breaker_class cls, enum breaker_state before)
@@ -817,6 +887,466 @@ static void after_load(uv_work_t *req, int status)
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Refunds (see the life of a refund job at the top of this file, and refund.h for the rules).
+ */
+static void refund_act(struct wjob *j);
+static void refund_settle(struct wjob *j);
+
+/* Finishing reads d.detail and d.attempt_failed for every kind of job. */
+static void refund_sync_finish(struct wjob *j)
+{
+    copy_text(j->d.detail, sizeof(j->d.detail), j->rd.detail);
+    j->d.attempt_failed = j->rd.attempt_failed;
+}
+
+/* The job_log fields of a store outcome, for the refund store functions. */
+static void refund_log_fill(const struct wjob *j, struct store_outcome *o, const char *outcome,
+                            const char *result, const char *result_unapplied)
+{
+    memset(o, 0, sizeof(*o));
+    o->action = STORE_ACTION_NONE;
+    o->order_id = j->job.order_id;
+    o->job_id = j->qj.id;
+    o->queue = j->q->name;
+    o->producer_id = j->job.id[0] != '\0' ? j->job.id : NULL;
+    o->worker_id = j->w->cfg->worker_id;
+    o->attempts = j->qj.attempts + (j->rd.attempt_failed ? 1 : 0);
+    o->deliveries = j->qj.deliveries;
+    o->enqueued_ms = j->qj.enqueued_ms;
+    o->last_error = j->last_error[0] != '\0' ? j->last_error : NULL;
+    o->outcome = outcome;
+    o->result = result;
+    o->result_unapplied = result_unapplied;
+}
+
+/* Records a breaker outcome for a call admitted under class cls. */
+static void refund_breaker_record(struct wjob *j, enum breaker_class cls, int status)
+{
+    struct worker *w = j->w;
+    if (!j->breaker_admitted)
+        return;
+    enum breaker_result br = BREAKER_SUCCESS;
+    if (status == UV_ECANCELED)
+        br = BREAKER_IGNORED;
+    else if (j->gw.breaker_failure)
+        br = BREAKER_FAILURE;
+    else if (j->gw.outcome == GATEWAY_TRANSIENT || j->gw.outcome == GATEWAY_REJECTED)
+        br = BREAKER_IGNORED;
+    enum breaker_state before = w->breakers[cls].state;
+    breaker_record(&w->breakers[cls], now_ms(w), br);
+    breaker_note(w, cls, before);
+    j->breaker_admitted = false;
+}
+
+/* What the refunds row records as the PG's last word about this refund. */
+static void refund_note_pg(struct wjob *j)
+{
+    if (j->gw.outcome == GATEWAY_OK)
+        snprintf(j->pg_status, sizeof(j->pg_status), "%s", gateway_tx_status_name(j->gw.tx.status));
+    else if (j->gw.http_status > 0)
+        snprintf(j->pg_status, sizeof(j->pg_status), "HTTP %ld", j->gw.http_status);
+    else
+        snprintf(j->pg_status, sizeof(j->pg_status), "no answer");
+}
+
+/* PostgreSQL could not be reached for a refund step: come back later without spending an
+ * attempt (a database outage must not turn refunds dead), until the retry deadline; every
+ * step is idempotent and the PG answers a repeated key with its first answer. Past the
+ * deadline the job is dead-lettered "store_unavailable" (its refund row keeps its state; a
+ * re-driven job finishes it). */
+static void refund_store_unavailable(struct wjob *j)
+{
+    char detail[GATEWAY_ERROR_MAX];
+    snprintf(detail, sizeof(detail), "PostgreSQL unavailable: %.200s",
+             j->work_err[0] != '\0' ? j->work_err : settle_strerror(j->work_status));
+    j->rpr.rand64 = retry_rand_next(&j->w->rand_state);
+    refund_outage(&j->w->refund_policy, &j->rpr, "store_unavailable", detail, &j->rd);
+    refund_act(j);
+}
+
+/* --- OPENING ---------------------------------------------------------------------------------- */
+
+static void open_work(uv_work_t *req)
+{
+    struct wjob *j = req->data;
+    j->work_err[0] = '\0';
+    j->work_status = store_refund_open_work(j->w->store, &j->job, j->refund_id, &j->rf, j->work_err,
+                                            sizeof(j->work_err));
+}
+
+static void after_open(uv_work_t *req, int status)
+{
+    struct wjob *j = req->data;
+    struct worker *w = j->w;
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status == UV_ECANCELED) {
+        finish_with_retry(j, 0, false, false);
+        return;
+    }
+    j->rpr.rand64 = retry_rand_next(&w->rand_state);
+    refund_after_open(&w->refund_policy, &j->rpr, j->work_status, j->work_err, j->rf.admission,
+                      j->rf.why, &j->rf.row, &j->rd);
+    if (j->work_status == 0 && j->rf.admission == REFUND_ADMIT_OK) {
+        struct log_ctx c = job_ctx(j);
+        log_write(LOG_LEVEL_INFO, &c, NULL, "refund %s of %" PRId64 " is %s%s", j->rf.row.id,
+                  j->rf.row.amount_minor, refund_state_name(j->rf.row.state),
+                  j->rf.row.created ? " (new)" : "");
+    }
+    refund_act(j);
+}
+
+static void refund_start(struct wjob *j)
+{
+    refund_identity(&j->job, j->refund_id, sizeof(j->refund_id));
+    j->rpr.attempts = j->qj.attempts;
+    j->rpr.age_ms = j->pr.age_ms;
+    job_set_state(j, JOB_OPENING);
+    uv_queue_work(j->w->loop, &j->work, open_work, after_open);
+}
+
+/* --- CANCELLING and RESOLVING ----------------------------------------------------------------- */
+
+static void cancel_work(uv_work_t *req)
+{
+    struct wjob *j = req->data;
+    const struct refund_row *r = &j->rf.row;
+    /* The amount was resolved when the row was created, so the PG is always told exactly
+     * how much, never "the whole balance" (which could be more than we recorded). */
+    gateway_cancel_work(j->w->gateway, r->user_id, r->transaction_key, r->id, r->amount_minor,
+                        j->job.reason, &j->gw);
+}
+
+static void after_cancel(uv_work_t *req, int status)
+{
+    struct wjob *j = req->data;
+    struct worker *w = j->w;
+    refund_breaker_record(j, BREAKER_CLASS_CANCEL, status);
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status == UV_ECANCELED) {
+        finish_with_retry(j, 0, false, false);
+        return;
+    }
+    refund_note_pg(j);
+    j->rpr.rand64 = retry_rand_next(&w->rand_state);
+    refund_after_cancel(&w->refund_policy, &j->rpr, &j->rf.row, &j->gw, &j->rd);
+    if (j->rd.verdict == REFUND_DO_RESOLVE)
+        copy_text(j->conflict_error, sizeof(j->conflict_error), j->gw.error);
+    refund_act(j);
+}
+
+static void resolve_work(uv_work_t *req)
+{
+    struct wjob *j = req->data;
+    const struct refund_row *r = &j->rf.row;
+    gateway_query_status_work(j->w->gateway, r->user_id, r->transaction_key, r->order_id, &j->gw);
+}
+
+static void after_resolve(uv_work_t *req, int status)
+{
+    struct wjob *j = req->data;
+    struct worker *w = j->w;
+    refund_breaker_record(j, BREAKER_CLASS_STATUS, status);
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status == UV_ECANCELED) {
+        finish_with_retry(j, 0, false, false);
+        return;
+    }
+    j->rpr.rand64 = retry_rand_next(&w->rand_state);
+    refund_after_resolve(&w->refund_policy, &j->rpr, &j->rf.row, j->conflict_error, &j->gw, &j->rd);
+    if (j->rd.verdict == REFUND_DO_COMPLETE)
+        refund_note_pg(j); /* the PG's view of the payment, e.g. CANCELLED */
+    refund_act(j);
+}
+
+/* Starts a PG call under breaker class cls, or decides what to do when it refuses. */
+static void refund_call(struct wjob *j, enum breaker_class cls, enum job_state state,
+                        uv_work_cb work, uv_after_work_cb after)
+{
+    struct worker *w = j->w;
+    struct breaker *b = &w->breakers[cls];
+    enum breaker_state before = b->state;
+    int allowed = breaker_allow(b, now_ms(w));
+    breaker_note(w, cls, before);
+    if (!allowed) {
+        j->rpr.rand64 = retry_rand_next(&w->rand_state);
+        refund_breaker_open(&w->refund_policy, &j->rpr, breaker_retry_in_ms(b, now_ms(w)), &j->rd);
+        refund_act(j);
+        return;
+    }
+    j->breaker_admitted = true;
+    job_set_state(j, state);
+    uv_queue_work(w->loop, &j->work, work, after);
+}
+
+/* --- MARKING ---------------------------------------------------------------------------------- */
+
+static void mark_work(uv_work_t *req)
+{
+    struct wjob *j = req->data;
+    struct store_outcome log;
+    bool terminal = j->mark_to == REFUND_FAILED || j->mark_to == REFUND_MANUAL_REVIEW;
+    if (terminal)
+        refund_log_fill(j, &log, "dead", j->rd.reason, NULL);
+    j->work_err[0] = '\0';
+    j->work_status = store_refund_mark_work(
+        j->w->store, j->refund_id, j->mark_to, j->pg_status[0] != '\0' ? j->pg_status : NULL,
+        terminal ? j->rd.reason : NULL, j->last_error[0] != '\0' ? j->last_error : NULL,
+        terminal ? &log : NULL, &j->mark_after, j->work_err, sizeof(j->work_err));
+}
+
+static void after_mark(uv_work_t *req, int status)
+{
+    struct wjob *j = req->data;
+    struct log_ctx c = job_ctx(j);
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status == UV_ECANCELED) {
+        finish_with_retry(j, 0, false, false);
+        return;
+    }
+    if (j->work_status != 0) {
+        log_write(LOG_LEVEL_WARN, &c, j->work_err, "could not record refund %s as %s", j->refund_id,
+                  refund_state_name(j->mark_to));
+        if (j->mark_to == REFUND_UNKNOWN && j->work_status != SETTLE_ESHUTDOWN) {
+            /* The retry with the same key is what matters; UNKNOWN is for people. */
+            refund_sync_finish(j);
+            finish_with_retry(j, j->rd.delay_ms, true, false);
+            return;
+        }
+        if (j->work_status == SETTLE_EUNAVAILABLE || j->work_status == SETTLE_ESHUTDOWN) {
+            refund_store_unavailable(j);
+            return;
+        }
+        job_dead(j, "store_rejected", j->work_err[0] != '\0' ? j->work_err : "refund mark failed");
+        return;
+    }
+    if (j->mark_after == REFUND_SUCCEEDED) {
+        /* Another delivery got the PG's confirmation first: finish its remaining steps
+         * (they are idempotent) instead of contradicting it. */
+        snprintf(j->rd.detail, sizeof(j->rd.detail), "refund %s succeeded in another delivery",
+                 j->refund_id);
+        j->rd.verdict = REFUND_DO_COMPLETE;
+        j->rd.attempt_failed = false;
+        refund_act(j);
+        return;
+    }
+    if (j->mark_after == REFUND_FAILED && j->mark_to != REFUND_FAILED) {
+        job_dead(j, "gateway_rejected", "another delivery recorded the refund as FAILED");
+        return;
+    }
+    refund_sync_finish(j);
+    if (j->mark_to == REFUND_UNKNOWN) {
+        finish_with_retry(j, j->rd.delay_ms, true, false);
+        return;
+    }
+    /* FAILED or MANUAL_REVIEW, with the job_log row written in the same transaction. */
+    j->dead_reason = j->rd.reason;
+    j->result = j->rd.reason;
+    j->finish = FINISH_BURY;
+    job_finish(j);
+}
+
+static void refund_mark(struct wjob *j, enum refund_state to)
+{
+    j->mark_to = to;
+    job_set_state(j, JOB_MARKING);
+    uv_queue_work(j->w->loop, &j->work, mark_work, after_mark);
+}
+
+/* --- RESTOCKING and SETTLING ------------------------------------------------------------------ */
+
+static void on_restocked(void *arg, int status, enum stock_result res)
+{
+    struct wjob *j = arg;
+    struct log_ctx c = job_ctx(j);
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status != 0) {
+        /* The money went back at the PG: record that first, and come back for the units
+         * (the next delivery finds the row SUCCEEDED and restocks, idempotent by refund
+         * id). */
+        j->restock_failed = true;
+        j->restock_status = status;
+        snprintf(j->last_error, sizeof(j->last_error), "Redis restock failed: %s",
+                 settle_strerror(status));
+        log_write(LOG_LEVEL_WARN, &c, settle_strerror(status),
+                  "Redis restock of refund %s failed; recording the refund and retrying",
+                  j->refund_id);
+    } else {
+        j->stock_res = res;
+        log_write(LOG_LEVEL_INFO, &c, NULL, "Redis restock of refund %s: %s", j->refund_id,
+                  stock_result_name(res));
+    }
+    refund_settle(j);
+}
+
+static void refund_restock(struct wjob *j)
+{
+    struct worker *w = j->w;
+    struct stock_items items = {0};
+    items.n = j->rf.n_items;
+    for (unsigned i = 0; i < items.n && i < STOCK_ITEMS_MAX; i++) {
+        items.sku[i] = j->rf.items[i].sku;
+        items.qty[i] = j->rf.items[i].qty;
+    }
+    if (items.n == 0) {
+        refund_settle(j);
+        return;
+    }
+    job_set_state(j, JOB_RESTOCKING);
+    int rc = stock_restock(w->cmd, w->cfg->namespace_, j->rf.row.order_id, j->refund_id, &items,
+                           on_restocked, j);
+    if (rc != 0)
+        on_restocked(j, rc, STOCK_MISSING);
+}
+
+static void settle_work(uv_work_t *req)
+{
+    struct wjob *j = req->data;
+    struct store_outcome log;
+    /* A failed Redis restock leaves the job unfinished (it comes back for the units), so it
+     * gets its job_log row only on the delivery that ends it. */
+    refund_log_fill(j, &log, "done", "refunded", "already_refunded");
+    struct store_refund_success in = {
+        .refund_id = j->refund_id,
+        .order_id = j->rf.row.order_id,
+        .pg_status = j->pg_status[0] != '\0' ? j->pg_status : NULL,
+        .restock = j->rf.row.restock,
+        .log = j->restock_failed ? NULL : &log,
+    };
+    j->work_err[0] = '\0';
+    j->work_status =
+        store_refund_succeed_work(j->w->store, &in, &j->rres, j->work_err, sizeof(j->work_err));
+}
+
+static void after_settle(uv_work_t *req, int status)
+{
+    struct wjob *j = req->data;
+    struct worker *w = j->w;
+    struct log_ctx c = job_ctx(j);
+    if (job_drop_if_abandoned(j))
+        return;
+    if (status == UV_ECANCELED) {
+        finish_with_retry(j, 0, false, false);
+        return;
+    }
+    if (j->work_status == SETTLE_EUNAVAILABLE || j->work_status == SETTLE_ESHUTDOWN) {
+        refund_store_unavailable(j);
+        return;
+    }
+    if (j->work_status != 0) {
+        /* The PG refunded but PostgreSQL refuses to record it: a person must look. The row
+         * keeps its state, so a re-driven job asks the PG again (same key, no second
+         * refund) and records it. */
+        log_write(LOG_LEVEL_ERROR, &c, j->work_err,
+                  "refund %s was made at the PG but could not be recorded", j->refund_id);
+        job_dead(j, "store_rejected",
+                 j->work_err[0] != '\0' ? j->work_err : settle_strerror(j->work_status));
+        return;
+    }
+    if (j->rres.state_after != REFUND_SUCCEEDED) {
+        /* The PG confirmed a refund another delivery recorded as FAILED: never guess. */
+        log_write(LOG_LEVEL_ERROR, &c, NULL,
+                  "PG confirmed refund %s but its row is %s; leaving it for review", j->refund_id,
+                  refund_state_name(j->rres.state_after));
+        job_dead(j, "refund_conflict", "PG confirmed a refund recorded as FAILED");
+        return;
+    }
+    if (j->restock_failed) {
+        /* The refund is recorded; only Redis' units are missing. Redis unreachable: wait
+         * without spending attempts (until the retry deadline); any other failure spends
+         * one. Given up, `settle stock load` repairs Redis from PostgreSQL. */
+        unsigned failed = j->qj.attempts + 1;
+        j->rpr.rand64 = retry_rand_next(&w->rand_state);
+        if (j->restock_status == SETTLE_EIO) {
+            refund_outage(&w->refund_policy, &j->rpr, "restock_failed", j->last_error, &j->rd);
+        } else if (failed >= w->cfg->retry_max_attempts) {
+            j->rd.verdict = REFUND_DO_DEAD;
+            j->rd.reason = "restock_failed";
+            j->rd.attempt_failed = true;
+        } else {
+            j->rd.verdict = REFUND_DO_RETRY;
+            j->rd.attempt_failed = true;
+            j->rd.delay_ms = retry_delay_ms(failed, w->cfg->retry_base_ms, w->cfg->retry_cap_ms, 0,
+                                            w->cfg->retry_after_max_ms, j->rpr.rand64);
+        }
+        if (j->rd.verdict == REFUND_DO_DEAD) {
+            refund_sync_finish(j);
+            job_dead(j, "restock_failed", j->last_error);
+            return;
+        }
+        snprintf(j->rd.detail, sizeof(j->rd.detail), "refund recorded; Redis restock retries");
+        refund_sync_finish(j);
+        finish_with_retry(j, j->rd.delay_ms, j->rd.verdict == REFUND_DO_RETRY, false);
+        return;
+    }
+    j->result = j->rres.changed ? "refunded" : "already_refunded";
+    snprintf(j->rd.detail, sizeof(j->rd.detail),
+             "refund %.64s of %" PRId64 " %s; order %s, payment %s%s", j->refund_id,
+             j->rf.row.amount_minor, j->rres.changed ? "recorded" : "was recorded already",
+             j->rres.order_status, j->rres.payment_status,
+             j->rres.restocked ? "; products restocked" : "");
+    refund_sync_finish(j);
+    j->finish = FINISH_ACK;
+    job_finish(j);
+}
+
+static void refund_settle(struct wjob *j)
+{
+    job_set_state(j, JOB_SETTLING);
+    uv_queue_work(j->w->loop, &j->work, settle_work, after_settle);
+}
+
+/* --- Carrying out a refund decision ----------------------------------------------------------- */
+
+static void refund_act(struct wjob *j)
+{
+    copy_text(j->last_error, sizeof(j->last_error), j->rd.detail);
+    switch (j->rd.verdict) {
+    case REFUND_DO_CANCEL:
+        refund_call(j, BREAKER_CLASS_CANCEL, JOB_CANCELLING, cancel_work, after_cancel);
+        return;
+    case REFUND_DO_RESOLVE:
+        refund_call(j, BREAKER_CLASS_STATUS, JOB_RESOLVING, resolve_work, after_resolve);
+        return;
+    case REFUND_DO_COMPLETE:
+        if (j->rf.row.restock) {
+            refund_restock(j);
+            return;
+        }
+        refund_settle(j);
+        return;
+    case REFUND_DO_RETRY:
+        if (j->rd.mark_unknown) {
+            refund_mark(j, REFUND_UNKNOWN);
+            return;
+        }
+        refund_sync_finish(j);
+        finish_with_retry(j, j->rd.delay_ms, true, false);
+        return;
+    case REFUND_DO_WAIT:
+        refund_sync_finish(j);
+        finish_with_retry(j, j->rd.delay_ms, false, false);
+        return;
+    case REFUND_DO_FAIL:
+        refund_mark(j, REFUND_FAILED);
+        return;
+    case REFUND_DO_MANUAL_REVIEW:
+        refund_mark(j, REFUND_MANUAL_REVIEW);
+        return;
+    case REFUND_DO_DEAD:
+        refund_sync_finish(j);
+        job_dead(j, j->rd.reason, j->rd.detail);
+        return;
+    default:
+        abort();
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * CLAIMED: validate and start.
  */
 static void job_start(struct wjob *j)
@@ -848,6 +1378,10 @@ static void job_start(struct wjob *j)
         job_dead(j, "crashed_too_often", why);
         return;
     }
+    if (j->q->kind == JOB_KIND_REFUND) {
+        refund_start(j);
+        return;
+    }
     job_set_state(j, JOB_LOADING);
     uv_queue_work(w->loop, &j->work, load_work, after_load);
 }
@@ -860,6 +1394,7 @@ static void on_wait(void *arg, int status, long long result);
 static void on_wake_timer(uv_timer_t *t)
 {
     struct wqueue *q = t->data;
+    q->dry = false;
     maybe_claim(q->w);
 }
 
@@ -888,6 +1423,7 @@ static void on_claimed(void *arg, int status, struct queue_claim_result *res)
         arm_wake(q, 500);
         return;
     }
+    q->dry = res->n < asked;
     for (size_t i = 0; i < res->n; i++) {
         struct wjob *j = job_new(q, &res->jobs[i]);
         if (j == NULL) {
@@ -910,6 +1446,8 @@ static void on_claimed(void *arg, int status, struct queue_claim_result *res)
      * falls due; the command connection can claim while the waiter blocks. */
     if (res->next_due_in_ms >= 0)
         arm_wake(q, (uint64_t)res->next_due_in_ms);
+    /* The slots this claim did not fill are free again: let the other queues have them. */
+    maybe_claim(w);
     if (q->waiting)
         return;
     q->waiting = true;
@@ -923,6 +1461,7 @@ static void on_wait(void *arg, int status, long long result)
 {
     struct wqueue *q = arg;
     q->waiting = false;
+    q->dry = false;
     if (q->w->closing)
         return;
     if (status != 0) {
@@ -938,7 +1477,7 @@ static void maybe_claim(struct worker *w)
         return;
     for (unsigned i = 0; i < w->n_queues; i++) {
         struct wqueue *q = &w->queues[i];
-        if (q->claiming)
+        if (q->claiming || q->dry)
             continue;
         unsigned reserved = 0;
         for (unsigned k = 0; k < w->n_queues; k++)
@@ -1022,6 +1561,9 @@ static void on_reaped(void *arg, int status, long long result)
     if (status == 0 && result > 0) {
         log_write(LOG_LEVEL_WARN, NULL, NULL,
                   "gave back %lld job(s) whose lease expired (a worker died or stalled)", result);
+        /* They are due now in the delayed set, which no waiter watches. */
+        for (unsigned i = 0; i < w->n_queues; i++)
+            w->queues[i].dry = false;
         maybe_claim(w);
     }
 }
@@ -1053,10 +1595,12 @@ static void on_reaper(uv_timer_t *t)
     if (++w->reaper_ticks % 60 == 0)
         log_write(LOG_LEVEL_INFO, NULL, NULL,
                   "in flight %u; claimed %" PRIu64 ", done %" PRIu64 ", dead %" PRIu64
-                  ", retried %" PRIu64 ", re-checked %" PRIu64 ", waited %" PRIu64 "; breaker %s",
+                  ", retried %" PRIu64 ", re-checked %" PRIu64 ", waited %" PRIu64
+                  "; breakers status %s, cancel %s",
                   w->in_flight, w->counters.claimed, w->counters.done, w->counters.dead,
                   w->counters.retried, w->counters.rechecked, w->counters.waited,
-                  breaker_state_name(w->breakers[BREAKER_CLASS_STATUS].state));
+                  breaker_state_name(w->breakers[BREAKER_CLASS_STATUS].state),
+                  breaker_state_name(w->breakers[BREAKER_CLASS_CANCEL].state));
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1065,8 +1609,12 @@ static void on_reaper(uv_timer_t *t)
 static void on_cmd_state(void *arg, int up)
 {
     struct worker *w = arg;
-    if (up)
-        maybe_claim(w);
+    if (!up)
+        return;
+    /* Anything may have happened while the connection was down. */
+    for (unsigned i = 0; i < w->n_queues; i++)
+        w->queues[i].dry = false;
+    maybe_claim(w);
 }
 
 static void on_waiter_state(void *arg, int up)
@@ -1221,6 +1769,16 @@ static void policy_from_config(struct reconcile_policy *p, const struct config *
     p->pending_max_age_ms = c->pending_max_age_ms;
 }
 
+/* Refunds retry on the same schedule as reconcile jobs. */
+static void refund_policy_from_config(struct refund_policy *p, const struct config *c)
+{
+    p->retry_base_ms = c->retry_base_ms;
+    p->retry_cap_ms = c->retry_cap_ms;
+    p->retry_max_attempts = c->retry_max_attempts;
+    p->retry_after_max_ms = c->retry_after_max_ms;
+    p->retry_deadline_ms = c->retry_deadline_ms;
+}
+
 int worker_run(const struct config *cfg)
 {
     struct worker *w = calloc(1, sizeof(*w));
@@ -1230,6 +1788,7 @@ int worker_run(const struct config *cfg)
     w->cfg = cfg;
     w->rand_state = wall_ms() ^ ((uint64_t)getpid() << 32);
     policy_from_config(&w->policy, cfg);
+    refund_policy_from_config(&w->refund_policy, cfg);
     for (int i = 0; i < BREAKER_CLASS_COUNT; i++)
         breaker_init(&w->breakers[i], &cfg->breaker, 0);
 
@@ -1276,11 +1835,6 @@ int worker_run(const struct config *cfg)
         enum job_kind kind;
         if (job_kind_parse(cfg->queues[i], &kind) != 0)
             continue;
-        if (kind == JOB_KIND_REFUND) {
-            log_write(LOG_LEVEL_WARN, NULL, NULL,
-                      "queue \"refund\" is not processed by this version yet; its jobs wait");
-            continue;
-        }
         q->w = w;
         q->name = cfg->queues[i];
         q->kind = kind;

@@ -1,6 +1,8 @@
 /*
- * store.h - PostgreSQL, the durable record: schema migrations, order lookups and the
- * transactional application of job outcomes (orders, payments, products.stock, job_log).
+ * store.h - PostgreSQL, the durable record: schema migrations, order lookups, the
+ * transactional application of job outcomes (orders, payments, products.stock, job_log) and
+ * the refunds table (the over-refund guard under the payment's row lock, conditional state
+ * moves, the success transaction).
  *
  * Threads: store_create/store_destroy on the loop thread (destroy only after every work
  * function returned). Every other function blocks and runs on a uv pool thread (or in a CLI
@@ -21,6 +23,7 @@
 #include <stdint.h>
 
 #include "settle/job.h"
+#include "settle/refund.h"
 
 #define STORE_ITEMS_MAX 64
 #define STORE_SKU_MAX 64
@@ -120,6 +123,75 @@ struct store_product {
     char sku[STORE_SKU_MAX + 1];
     int64_t on_hand;
 };
+
+/* --- Refunds (ops/sql/002_refunds.sql; policy in refund.h) --- */
+
+/* What store_refund_open_work found or created. */
+struct store_refund {
+    enum refund_admission admission; /* REFUND_ADMIT_OK: row is valid */
+    char why[GATEWAY_ERROR_MAX];     /* the admission's sentence otherwise */
+    struct refund_row row;
+    unsigned n_items;
+    struct store_item items[STORE_ITEMS_MAX]; /* the order's items, sorted by sku */
+};
+
+/*
+ * Opens refund `refund_id` for job (kind refund) in one transaction: locks the order's
+ * payment row (SELECT ... FOR UPDATE), returns the existing refund row when there is one
+ * (checked against the job with refund_match_existing), else applies refund_admit (payment
+ * status, user and transaction key, live refunds + this one <= the payment's amount; an
+ * absent amount resolves to the remaining balance) and inserts the row as REQUESTED
+ * (ON CONFLICT (id) DO NOTHING, then read back). The row is committed before this returns,
+ * so it exists before the first PG call. A rejection is not an error: 0 with
+ * out->admission != REFUND_ADMIT_OK and nothing written. Errors as at the top of this file.
+ */
+int store_refund_open_work(struct store *s, const struct job *job, const char *refund_id,
+                           struct store_refund *out, char *err, size_t err_len);
+
+/*
+ * Moves refund `refund_id` to `to` (UNKNOWN, FAILED or MANUAL_REVIEW) when its state allows
+ * it (refund_transition_ok) or is `to` already, recording pg_status and failure_reason (NULL
+ * keeps the old value), last_error, and one more PG attempt. *state_after is the row's
+ * state after the transaction. When log != NULL and the row ends in `to`, its job_log row
+ * (the job_id..enqueued_ms fields of log; action must be STORE_ACTION_NONE) is written in the
+ * same transaction, ON CONFLICT DO NOTHING. SETTLE_ENOTFOUND when there is no such refund.
+ */
+int store_refund_mark_work(struct store *s, const char *refund_id, enum refund_state to,
+                           const char *pg_status, const char *failure_reason,
+                           const char *last_error, const struct store_outcome *log,
+                           enum refund_state *state_after, char *err, size_t err_len);
+
+struct store_refund_success {
+    const char *refund_id;
+    const char *order_id;
+    const char *pg_status;           /* e.g. "CANCELLED" */
+    bool restock;                    /* put the order's units back in products.stock */
+    const struct store_outcome *log; /* job_log row (as for store_refund_mark_work) or NULL;
+                                        its result_unapplied (when set) is the result when
+                                        this call did not change the refund */
+};
+
+struct store_refund_result {
+    bool changed;   /* this call moved the refund to SUCCEEDED and added its amount */
+    bool restocked; /* this call ran the restock step (units added if the order had taken
+                       them: orders.completed_at is set) */
+    enum refund_state state_after;
+    char order_status[STORE_STATUS_MAX];
+    char payment_status[STORE_STATUS_MAX];
+};
+
+/*
+ * Records a refund the PG confirmed, in one transaction that locks the payment and order
+ * rows: refund -> SUCCEEDED (conditional); only when that changed the row,
+ * payments.refunded_minor and orders.refunded_minor grow by its amount and their statuses
+ * follow refund_payment_status / refund_order_status; with restock, the restock step runs
+ * once per order (guarded by refunds.restocked: UPDATE ... WHERE NOT restocked and no other
+ * refund of the order restocked) and adds each item's qty to products.stock when the order
+ * had completed; then the job_log row. Idempotent: a second call changes nothing but may
+ * write a job_log row for another job id.
+ */
+int store_refund_succeed_work(struct store *s, const struct store_refund_success *in,
+                              struct store_refund_result *out, char *err, size_t err_len);
 
 /* Lists every product's on-hand stock, ordered by sku, into a malloc'd array (*out, caller
  * frees; *n entries). Used by `settle stock load`. */
