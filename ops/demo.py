@@ -30,15 +30,17 @@ import harness  # noqa: E402
 
 # The demo's worker configuration, in one place. Small enough that every outcome shows up
 # within the run: the payment window is 20 s (orders without a payment are created 60 s
-# old, so they expire on their first check), a PENDING payment is checked again after 2 s
-# and 4 s, and the simulator's slow answers (4 s) exceed the 3 s gateway timeout, so
-# timeouts and retries happen too.
+# old, so they expire on their first check) and a PENDING payment is checked again after
+# 2 s and 4 s. The gateway timeout (4.5 s) lets the simulator's slow answers (4 s) arrive:
+# with a 3 s timeout every slow answer would count as a failure too, two thirds of all calls
+# would fail, the circuit breaker (60 %) would stay open most of the run and many orders
+# would still be PENDING when the demo ends. The 500s (a third of calls) are still retried.
 DEMO_ENV = {
     "SETTLE_LOG_LEVEL": "info",
     "SETTLE_CONCURRENCY": "16",
     "SETTLE_PAYMENT_WINDOW_MS": "20000",
     "SETTLE_GATEWAY_SLOWEST_MS": "5000",
-    "SETTLE_GATEWAY_TIMEOUT_MS": "3000",
+    "SETTLE_GATEWAY_TIMEOUT_MS": "4500",
     "SETTLE_GATEWAY_CONNECT_TIMEOUT_MS": "1000",
     "SETTLE_LEASE_MS": "5000",
     "SETTLE_REAPER_INTERVAL_MS": "1000",
@@ -80,7 +82,7 @@ def seed_catalogue(c, rng, n_products):
     for i in range(n_products):
         sku = f"book-{i:02d}"
         # The last SKU is scarce, so some reservations are refused and the demo shows it.
-        stock = 6 if i == n_products - 1 else rng.randrange(60, 121)
+        stock = 6 if i == n_products - 1 else rng.randrange(120, 201)
         price = rng.randrange(5, 60) * 100
         c.add_product(sku, stock, name=f"Book {i}", price_minor=price)
         products[sku] = price
@@ -167,6 +169,11 @@ def enqueue(c, env, orders):
                 say(f"  settle enqueue failed ({r.returncode}): {r.stderr.strip()[:300]}")
     say(f"  {len(orders) - failed} reconcile jobs enqueued"
         + (f", {failed} FAILED" if failed else ""))
+    # A buggy producer that bypasses `settle enqueue` (which validates): these two go
+    # straight onto the list, and the workers must bury them in the DLQ, not crash or loop.
+    c.push_job("reconcile", {"order_id": 42, "user_id": "user-001"})
+    c.push_job("reconcile", b"\x00not json")
+    say("  2 malformed jobs pushed straight onto the list (they belong in the DLQ)")
 
 
 def progress(c):
@@ -313,7 +320,9 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
-    harness.settle_bin()  # fail early and clearly without SETTLE_BIN
+    # demo.sh sets SETTLE_BIN; run by hand, the release build is the natural default.
+    os.environ.setdefault("SETTLE_BIN", os.path.join(ROOT, "build", "release", "settle"))
+    harness.settle_bin()  # fail early and clearly when it is missing
 
     t0 = time.monotonic()
     rng = random.Random(args.seed)

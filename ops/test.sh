@@ -115,17 +115,17 @@ if [[ $quick -eq 0 ]]; then
     step format check_format || true
 fi
 
+# The release tree runs the unit tests, or the whole suite with --no-asan (then it is the
+# only tree).
+release_tests=(unit-release -L unit)
+if [[ $quick -eq 0 && $asan -eq 0 ]]; then
+    release_tests=(tests-release)
+fi
 if step build-release cmake_build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo; then
-    if [[ $quick -eq 1 || $asan -eq 1 ]]; then
-        step unit-release ctest --test-dir build/release -L unit --output-on-failure \
-            --no-tests=error -j2 || true
-    else
-        # --no-asan: the release tree runs the whole suite instead.
-        step tests-release ctest --test-dir build/release --output-on-failure \
-            --no-tests=error -j2 || true
-    fi
+    step "${release_tests[0]}" ctest --test-dir build/release "${release_tests[@]:1}" \
+        --output-on-failure --no-tests=error -j2 || true
 else
-    skipped+=(tests-release)
+    skipped+=("${release_tests[0]}")
 fi
 
 if [[ $quick -eq 0 && $asan -eq 1 ]]; then

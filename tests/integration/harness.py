@@ -200,6 +200,28 @@ class TempDir:
         self.cleanup()
 
 
+def _sweep_stale_dirs(base):
+    """Removes settle-it-* directories left by harness runs that were killed outright
+    (SIGKILL, a ctest timeout), which had no chance to clean up. A directory is stale only
+    when the harness that made it (owner.pid) and its postmaster (pg/postmaster.pid) are
+    both gone, so a concurrent run is never touched."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(base):
+            path = os.path.join(base, name)
+            if not name.startswith("settle-it-") or not os.path.isdir(path):
+                continue
+            pids = []
+            try:
+                for f in ("owner.pid", os.path.join("pg", "postmaster.pid")):
+                    with contextlib.suppress(FileNotFoundError):
+                        with open(os.path.join(path, f)) as fh:
+                            pids.append(int(fh.readline().strip()))
+            except (OSError, ValueError):
+                continue
+            if pids and not any(_pid_alive(p) for p in pids):
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def _ensure_run_user():
     """The user PostgreSQL runs as when we are root: settle-test (created if missing, as a
     system user without a home or login shell), else nobody if useradd is unavailable."""
@@ -251,11 +273,42 @@ def _on_signal(signum, frame):
     os._exit(128 + signum)
 
 
+def _become_subreaper():
+    """Makes this process the child subreaper of its descendants (Linux prctl). pg_ctl
+    daemonizes the postmaster; as a subreaper we, not init, become its parent, so it stays in
+    our process tree, and ctest's timeout (which kills a test's tree by parent PID) also ends
+    PostgreSQL if this process dies without cleaning up. Best effort."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_child_subreaper = 36
+        libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+
+
+def _reap(pid, timeout_s):
+    """Waits up to timeout_s for pid to exit, collecting its exit status when it is our child
+    (an adopted postmaster would otherwise stay a zombie). True when it is gone."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / 0.05) + 1):
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return True
+        except ChildProcessError:  # not our child: all we can do is look
+            if not _pid_alive(pid):
+                return True
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    return False
+
+
 def _install_handlers():
     global _handlers_installed
     if _handlers_installed:
         return
     _handlers_installed = True
+    _become_subreaper()
     atexit.register(_cleanup_all)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         with contextlib.suppress(ValueError):  # only possible on the main thread
@@ -321,6 +374,8 @@ class Worker:
         self.name = name
         self.log_path = cluster.new_log_path(name)
         self.args = list(args)
+        self.env = env
+        self.metrics_addr = env.get("SETTLE_METRICS_ADDR")
         self._log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen([settle_bin(), *self.args], env=env,
@@ -456,17 +511,19 @@ class Cluster:
         try:
             self.tmp = TempDir(keep=self.keep_dir)
             self.dir = self.tmp.path
+            _sweep_stale_dirs(os.path.dirname(self.dir))
+            # Marks the directory as this process's, for _sweep_stale_dirs of later runs.
+            with open(os.path.join(self.dir, "owner.pid"), "w") as f:
+                f.write(f"{os.getpid()}\n")
             os.makedirs(os.path.join(self.dir, "logs"))
             if os.geteuid() == 0 and self.want_postgres:
                 self.pg_user = _ensure_run_user()
                 self.tmp.chown(self.pg_user)
             if self.want_redis:
-                self.redis_port = free_port()
-                self.start_redis()
+                self._on_free_port("redis_port", self.start_redis, self.stop_redis)
             if self.want_postgres:
-                self.pg_port = free_port()
                 self._initdb()
-                self.start_postgres()
+                self._on_free_port("pg_port", self.start_postgres, self.stop_postgres)
                 self._createdb()
             if self.want_pgsim:
                 self.start_pgsim()
@@ -474,6 +531,20 @@ class Cluster:
             self.stop()
             raise
         return self
+
+    def _on_free_port(self, attr, start, stop, tries=3):
+        """Starts a server on a fresh port, with a new port on failure: another process may
+        take the port between free_port() and the server's bind."""
+        for attempt in range(tries):
+            setattr(self, attr, free_port())
+            try:
+                start()
+                return
+            except (RuntimeError, AssertionError):
+                with contextlib.suppress(Exception):
+                    stop()
+                if attempt == tries - 1:
+                    raise
 
     def stop(self):
         """Stops everything this cluster started, workers first. Safe to call twice."""
@@ -626,9 +697,12 @@ class Cluster:
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             print(f"harness: {e}", file=sys.stderr)
         # Make sure, by the PID PostgreSQL recorded, and only if it is still a postgres.
-        if pid and _pid_alive(pid) and "postgres" in _pid_cmdline(pid):
+        if pid and not _reap(pid, STOP_TIMEOUT_S) and "postgres" in _pid_cmdline(pid):
+            print(f"harness: postmaster {pid} still running after pg_ctl stop; SIGKILL",
+                  file=sys.stderr)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            _reap(pid, STOP_TIMEOUT_S)
         self._pg_running = False
 
     def _connect(self, dbname):
@@ -875,7 +949,14 @@ class Cluster:
         return self.check_settle(["migrate"], env=env)
 
     def start_worker(self, env=None, name="worker", args=WORKER_ARGS):
-        w = Worker(self, env if env is not None else self.env_for_worker(), name, args)
+        """Starts `settle work` (args) with env (default env_for_worker()). When another
+        running worker already uses env's SETTLE_METRICS_ADDR, this one gets a fresh port,
+        so several workers can share one env; the address is in worker.metrics_addr."""
+        env = dict(env if env is not None else self.env_for_worker())
+        taken = {w.metrics_addr for w in self.workers if w.alive()}
+        if env.get("SETTLE_METRICS_ADDR") in taken:
+            env["SETTLE_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
+        w = Worker(self, env, name, args)
         self.workers.append(w)
         return w
 
@@ -1068,6 +1149,10 @@ def timeout(seconds):
 
 
 DEFAULT_TEST_TIMEOUT_S = 120
+# The whole file must end before ctest's TIMEOUT (600 s in CMakeLists.txt) kills it, so that
+# the cleanup and the summary still happen: tests that would start after this budget are
+# reported as failed instead, and a test's own limit is cut to what is left.
+FILE_BUDGET_S = float(os.environ.get("SETTLE_IT_BUDGET_S", "540"))
 
 
 def main(ns, migrate=True, **cluster_kwargs):
@@ -1107,12 +1192,18 @@ def main(ns, migrate=True, **cluster_kwargs):
         for name, fn in tests:
             t0 = time.monotonic()
             ok = False
-            limit = getattr(fn, "timeout_s", DEFAULT_TEST_TIMEOUT_S)
+            left = FILE_BUDGET_S - (t0 - started)
+            limit = min(getattr(fn, "timeout_s", DEFAULT_TEST_TIMEOUT_S), left)
+            if limit < 1:
+                failed += 1
+                print(f"FAIL {name} (not run: the file's {FILE_BUDGET_S:g} s budget is used up)",
+                      flush=True)
+                continue
             try:
                 cluster.log_prefix = name + "."
                 cluster.reset()
                 cluster.mark_logs()
-                signal.alarm(int(limit))
+                signal.alarm(max(1, int(limit)))
                 try:
                     fn(cluster)
                 finally:
