@@ -51,6 +51,7 @@
 #include "settle/gateway.h"
 #include "settle/job.h"
 #include "settle/log.h"
+#include "settle/metrics.h"
 #include "settle/queue.h"
 #include "settle/rconn.h"
 #include "settle/reconcile.h"
@@ -209,6 +210,15 @@ struct worker_counters {
     uint64_t claimed, done, dead, retried, rechecked, waited, lost, handed_back;
 };
 
+struct worker;
+
+/* One queue whose depths the gauges report (every known queue, worked here or not). */
+#define GAUGE_QUEUES 2
+struct gauge_ctx {
+    struct worker *w;
+    const char *queue;
+};
+
 struct worker {
     const struct config *cfg;
     uv_loop_t *loop;
@@ -226,6 +236,17 @@ struct worker {
     unsigned in_flight;
     unsigned state_count[JOB_STATE_COUNT];
     struct worker_counters counters;
+
+    /* Metrics and health (served by the metrics module's own HTTP thread). */
+    struct metrics *metrics;
+    struct metrics_server *http;
+    uv_timer_t gauges; /* refreshes queue depths and readiness */
+    struct gauge_ctx gauge_ctx[GAUGE_QUEUES];
+    unsigned gauges_busy; /* queue_stats calls out */
+    uv_work_t ping;       /* PostgreSQL health check on the pool */
+    bool ping_busy;
+    int ping_status;
+    bool postgres_up;
 
     uv_signal_t sigterm, sigint;
     uv_timer_t heartbeat, reaper, grace, run_limit;
@@ -316,6 +337,7 @@ static struct wjob *job_new(struct wqueue *q, struct queue_job *qj)
         w->jobs->prev = j;
     w->jobs = j;
     w->in_flight++;
+    metrics_set_inflight(w->metrics, w->in_flight);
     return j;
 }
 
@@ -330,6 +352,7 @@ static void job_free(struct wjob *j)
         j->next->prev = j->prev;
     w->state_count[j->state]--;
     w->in_flight--;
+    metrics_set_inflight(w->metrics, w->in_flight);
     free(j->qj.text);
     free(j);
 }
@@ -378,21 +401,30 @@ static void on_finished(void *arg, int status, long long result)
         log_write(LOG_LEVEL_WARN, &c, NULL,
                   "lease lost: a newer delivery owns this job, so this one's end is ignored");
     } else {
+        double seconds = (double)(now_ms(w) - j->started_ms) / 1000.0;
         switch (j->finish) {
         case FINISH_ACK:
             w->counters.done++;
+            metrics_job_finished(w->metrics, j->q->name, "done",
+                                 j->result != NULL ? j->result : "unknown", seconds);
             break;
         case FINISH_RETRY:
             arm_wake(j->q, j->finish_delay_ms);
-            if (j->finish_check)
+            if (j->finish_check) {
                 w->counters.rechecked++;
-            else if (j->finish_consume)
+                metrics_job_retry(w->metrics, j->q->name, "recheck");
+            } else if (j->finish_consume) {
                 w->counters.retried++;
-            else
+                metrics_job_retry(w->metrics, j->q->name, "retry");
+            } else {
                 w->counters.waited++;
+                metrics_job_retry(w->metrics, j->q->name, "breaker_wait");
+            }
             break;
         case FINISH_BURY:
             w->counters.dead++;
+            metrics_job_finished(w->metrics, j->q->name, "dead", j->dead_reason, seconds);
+            metrics_dead_lettered(w->metrics, j->q->name, j->dead_reason);
             if ((unsigned long long)result > w->cfg->dlq_alert_size)
                 log_write(LOG_LEVEL_ERROR, &c, NULL,
                           "dead-letter queue holds %lld entries, over SETTLE_DLQ_ALERT_SIZE "
@@ -802,10 +834,44 @@ static void breaker_note(struct worker *w, enum breaker_class cls, enum breaker_
     enum breaker_state after = w->breakers[cls].state;
     if (after == before)
         return;
+    metrics_breaker(w->metrics, breaker_class_names[cls], (int)after, breaker_state_name(after));
     log_write(after == BREAKER_OPEN ? LOG_LEVEL_WARN : LOG_LEVEL_INFO, NULL, NULL,
               "circuit breaker %s: %s -> %s (consecutive trips %u)", breaker_class_names[cls],
               breaker_state_name(before), breaker_state_name(after),
               w->breakers[cls].consecutive_trips);
+}
+
+/* Counts one PG call by its result class, for the dashboards. */
+static void gateway_observe(struct worker *w, const char *endpoint, const struct gateway_result *g)
+{
+    const char *cls;
+    switch (g->outcome) {
+    case GATEWAY_OK:
+        cls = "2xx";
+        break;
+    case GATEWAY_NOT_FOUND:
+        cls = "404";
+        break;
+    case GATEWAY_REJECTED:
+        cls = "4xx";
+        break;
+    case GATEWAY_BAD_RESPONSE:
+        cls = "bad_response";
+        break;
+    case GATEWAY_TRANSIENT:
+        if (g->http_status == 429)
+            cls = "429";
+        else if (g->http_status >= 500)
+            cls = "5xx";
+        else if (strncmp(g->error, "timed out", 9) == 0)
+            cls = "timeout";
+        else
+            cls = "transport";
+        break;
+    default:
+        abort();
+    }
+    metrics_gateway_request(w->metrics, endpoint, cls, (double)g->latency_us / 1e6);
 }
 
 static void query_work(uv_work_t *req)
@@ -832,6 +898,8 @@ static void after_query(uv_work_t *req, int status)
         breaker_record(&w->breakers[BREAKER_CLASS_STATUS], now_ms(w), br);
         breaker_note(w, BREAKER_CLASS_STATUS, before);
         j->breaker_admitted = false;
+        if (status != UV_ECANCELED)
+            gateway_observe(w, "status", &j->gw);
     }
     if (job_drop_if_abandoned(j))
         return;
@@ -936,6 +1004,8 @@ static void refund_breaker_record(struct wjob *j, enum breaker_class cls, int st
     breaker_record(&w->breakers[cls], now_ms(w), br);
     breaker_note(w, cls, before);
     j->breaker_admitted = false;
+    if (status != UV_ECANCELED)
+        gateway_observe(w, breaker_class_names[cls], &j->gw);
 }
 
 /* What the refunds row records as the PG's last word about this refund. */
@@ -1558,6 +1628,8 @@ static void on_reaped(void *arg, int status, long long result)
 {
     struct worker *w = arg;
     w->reap_busy = false;
+    if (status != 0)
+        log_write(LOG_LEVEL_WARN, NULL, settle_strerror(status), "lease reaper failed");
     if (status == 0 && result > 0) {
         log_write(LOG_LEVEL_WARN, NULL, NULL,
                   "gave back %lld job(s) whose lease expired (a worker died or stalled)", result);
@@ -1572,6 +1644,8 @@ static void on_stock_reaped(void *arg, int status, unsigned released)
 {
     struct worker *w = arg;
     w->stock_reap_busy = false;
+    if (released > 0)
+        metrics_reservations_reaped(w->metrics, released);
     if (status == 0 && released > 0)
         log_write(LOG_LEVEL_INFO, NULL, NULL,
                   "released %u stock reservation(s) past their deadline", released);
@@ -1604,11 +1678,72 @@ static void on_reaper(uv_timer_t *t)
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Gauges and health: queue depths from Redis, PostgreSQL reachability, readiness.
+ */
+static void publish_health(struct worker *w)
+{
+    metrics_set_health(w->metrics, w->cmd != NULL && rconn_is_up(w->cmd), w->postgres_up,
+                       w->draining);
+}
+
+static void ping_work(uv_work_t *req)
+{
+    struct worker *w = req->data;
+    char err[STORE_ERR_MAX];
+    w->ping_status = store_ping_work(w->store, err, sizeof(err));
+}
+
+static void after_ping(uv_work_t *req, int status)
+{
+    struct worker *w = req->data;
+    w->ping_busy = false;
+    bool up = status == 0 && w->ping_status == 0;
+    if (up != w->postgres_up)
+        log_write(up ? LOG_LEVEL_INFO : LOG_LEVEL_WARN, NULL,
+                  up ? NULL : settle_strerror(w->ping_status), "PostgreSQL is %s",
+                  up ? "reachable" : "unreachable");
+    w->postgres_up = up;
+    publish_health(w);
+}
+
+/* Queue depths are facts about Redis, not about this process: every worker reports every
+ * queue (dashboards take the max across workers), so a queue nobody works still shows. */
+static void on_queue_stats(void *arg, int status, const struct queue_stats *st)
+{
+    struct gauge_ctx *g = arg;
+    struct worker *w = g->w;
+    w->gauges_busy--;
+    if (status == 0)
+        metrics_set_queue(w->metrics, g->queue, st->ready, st->delayed, st->inflight, st->dead,
+                          st->oldest_ready_age_ms > 0 ? (double)st->oldest_ready_age_ms / 1000.0
+                                                      : 0.0);
+}
+
+static void on_gauges(uv_timer_t *t)
+{
+    struct worker *w = t->data;
+    publish_health(w);
+    if (!w->ping_busy && !w->closing) {
+        w->ping.data = w;
+        if (uv_queue_work(w->loop, &w->ping, ping_work, after_ping) == 0)
+            w->ping_busy = true;
+    }
+    if (w->gauges_busy > 0 || !rconn_is_up(w->cmd))
+        return;
+    for (unsigned i = 0; i < GAUGE_QUEUES; i++) {
+        if (queue_stats(w->cmd, w->cfg->namespace_, w->gauge_ctx[i].queue, on_queue_stats,
+                        &w->gauge_ctx[i]) == 0)
+            w->gauges_busy++;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Redis connection state.
  */
 static void on_cmd_state(void *arg, int up)
 {
     struct worker *w = arg;
+    publish_health(w);
     if (!up)
         return;
     /* Anything may have happened while the connection was down. */
@@ -1663,6 +1798,7 @@ static void worker_close(struct worker *w)
               w->counters.handed_back);
     uv_timer_stop(&w->heartbeat);
     close_handle(w, (uv_handle_t *)&w->heartbeat);
+    close_handle(w, (uv_handle_t *)&w->gauges);
     close_handle(w, (uv_handle_t *)&w->reaper);
     close_handle(w, (uv_handle_t *)&w->grace);
     close_handle(w, (uv_handle_t *)&w->run_limit);
@@ -1723,6 +1859,7 @@ static void worker_drain(struct worker *w, const char *why)
     if (w->draining)
         return;
     w->draining = true;
+    publish_health(w);
     log_write(LOG_LEVEL_INFO, NULL, NULL, "%s: draining %u job(s) in flight (grace %" PRIu64 " ms)",
               why, w->in_flight, w->cfg->shutdown_grace_ms);
     for (unsigned i = 0; i < w->n_queues; i++)
@@ -1819,6 +1956,21 @@ int worker_run(const struct config *cfg)
         goto out_free;
     }
 
+    if (metrics_create(&w->metrics, SETTLE_VERSION, cfg->concurrency) != 0)
+        goto out_free;
+    /* Every endpoint's breaker starts closed and visible, so alerts see a series at once. */
+    for (int i = 0; i < BREAKER_CLASS_COUNT; i++)
+        metrics_breaker(w->metrics, breaker_class_names[i], BREAKER_CLOSED, NULL);
+    if (cfg->metrics_addr[0] != '\0') {
+        char err[256];
+        if (metrics_server_start(&w->http, cfg->metrics_addr, w->metrics, err, sizeof(err)) != 0) {
+            log_write(LOG_LEVEL_ERROR, NULL, err, "cannot serve metrics and health checks");
+            goto out_free;
+        }
+        log_write(LOG_LEVEL_INFO, NULL, NULL, "serving /metrics, /healthz, /readyz on %s",
+                  cfg->metrics_addr);
+    }
+
     w->loop = malloc(sizeof(*w->loop));
     if (w->loop == NULL || uv_loop_init(w->loop) != 0) {
         free(w->loop);
@@ -1848,6 +2000,11 @@ int worker_run(const struct config *cfg)
     }
 
     uv_timer_init(w->loop, &w->heartbeat);
+    uv_timer_init(w->loop, &w->gauges);
+    w->gauges.data = w;
+    w->gauge_ctx[0] = (struct gauge_ctx){w, job_kind_name(JOB_KIND_RECONCILE)};
+    w->gauge_ctx[1] = (struct gauge_ctx){w, job_kind_name(JOB_KIND_REFUND)};
+    uv_timer_start(&w->gauges, on_gauges, 0, 2000);
     uv_timer_init(w->loop, &w->reaper);
     uv_timer_init(w->loop, &w->grace);
     uv_timer_init(w->loop, &w->run_limit);
@@ -1882,6 +2039,9 @@ out_loop:
     }
     free(w->loop);
 out_free:
+    /* The HTTP thread reads the registry: stop it before freeing anything it reads. */
+    metrics_server_stop(w->http);
+    metrics_destroy(w->metrics);
     gateway_destroy(w->gateway);
     store_destroy(w->store);
     free(w);
