@@ -9,6 +9,7 @@
  */
 #include "settle/job.h"
 #include "settle/error.h"
+#include "settle/text.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -308,41 +309,6 @@ out:
     return rc;
 }
 
-/* Length of the valid UTF-8 sequence at s[0..len), or 0 when it is not valid UTF-8. The same
- * rules as jansson's: no overlong forms, no surrogates, nothing above U+10FFFF. */
-static size_t utf8_seq_len(const unsigned char *s, size_t len)
-{
-    unsigned char c = s[0];
-    size_t n;
-    uint32_t cp;
-
-    if (c < 0x80)
-        return 1;
-    if (c >= 0xc2 && c <= 0xdf) {
-        n = 2;
-        cp = c & 0x1f;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        n = 3;
-        cp = c & 0x0f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        n = 4;
-        cp = c & 0x07;
-    } else {
-        return 0;
-    }
-    if (len < n)
-        return 0;
-    for (size_t i = 1; i < n; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3f);
-    }
-    if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) || cp > 0x10ffff ||
-        (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return n;
-}
-
 /*
  * A JSON string for s, or null when s is NULL. The error text of a dead job may quote bytes a
  * peer sent; jansson refuses invalid UTF-8, and losing the whole envelope over one bad byte
@@ -361,7 +327,7 @@ static json_t *lossy_string(const char *s)
     if (clean == NULL)
         return NULL;
     for (size_t i = 0; i < len;) {
-        size_t n = utf8_seq_len((const unsigned char *)s + i, len - i);
+        size_t n = text_utf8_seq_len((const unsigned char *)s + i, len - i);
         if (n == 0) {
             memcpy(clean + o, "\xef\xbf\xbd", 3);
             o += 3;

@@ -9,6 +9,7 @@
  */
 #include "settle/log.h"
 #include "settle/error.h"
+#include "settle/text.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -154,41 +155,6 @@ size_t log_mask_cards(char *s, size_t len)
     return masked;
 }
 
-/* Length of the valid UTF-8 sequence at s[0..len), or 0 when the bytes there are not valid
- * UTF-8 (overlong forms, surrogates and code points above U+10FFFF included). */
-static size_t utf8_seq_len(const unsigned char *s, size_t len)
-{
-    unsigned char c = s[0];
-    size_t n;
-    uint32_t cp;
-
-    if (c < 0x80)
-        return 1;
-    if (c >= 0xc2 && c <= 0xdf) {
-        n = 2;
-        cp = c & 0x1f;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        n = 3;
-        cp = c & 0x0f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        n = 4;
-        cp = c & 0x07;
-    } else {
-        return 0;
-    }
-    if (len < n)
-        return 0;
-    for (size_t i = 1; i < n; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3f);
-    }
-    if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) || cp > 0x10ffff ||
-        (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return n;
-}
-
 static void line_put(struct log_line *l, const char *s, size_t n)
 {
     /* Callers reserve room before they write; this guard only keeps a mistake from
@@ -243,7 +209,7 @@ static size_t escape_into(struct log_line *l, size_t limit, const char *s, size_
             esc[0] = (char)c;
             esc_len = 1;
         } else {
-            in_len = utf8_seq_len((const unsigned char *)s + i, len - i);
+            in_len = text_utf8_seq_len((const unsigned char *)s + i, len - i);
             if (in_len == 0) {
                 memcpy(esc, "\\ufffd", 6);
                 esc_len = 6;
