@@ -244,32 +244,46 @@ int queue_reap(struct rconn *rc, const char *ns, const char *queue, unsigned lim
     return eval_int(rc, "queue_reap", 3, 4, argv, NULL, cb, arg);
 }
 
+/* The KEYS and ARGV of queue_enqueue.lua, shared by the async and the sync call. */
+struct enqueue_args {
+    char keys[2][KEY_MAX];
+    char ttl[24];
+    const char *argv[4];
+    size_t lens[4];
+    int nkeys, argc;
+};
+
+static int enqueue_args(struct enqueue_args *e, const char *ns, const char *queue, const char *text,
+                        size_t len, const char *producer_id)
+{
+    if (key2(e->keys[0], ns, "queue:", queue) < 0)
+        return SETTLE_ETOOBIG;
+    e->nkeys = 1;
+    if (producer_id != NULL && producer_id[0] != '\0') {
+        if (queue_dedup_key(e->keys[1], KEY_MAX, ns, queue, producer_id) < 0)
+            return SETTLE_ETOOBIG;
+        e->nkeys = 2;
+    }
+    snprintf(e->ttl, sizeof(e->ttl), "%llu", (unsigned long long)QUEUE_DEDUP_TTL_MS);
+    e->argc = 0;
+    for (int i = 0; i < e->nkeys; i++) {
+        e->argv[e->argc] = e->keys[i];
+        e->lens[e->argc++] = strlen(e->keys[i]);
+    }
+    e->argv[e->argc] = text;
+    e->lens[e->argc++] = len;
+    e->argv[e->argc] = e->ttl;
+    e->lens[e->argc++] = strlen(e->ttl);
+    return 0;
+}
+
 int queue_enqueue(struct rconn *rc, const char *ns, const char *queue, const char *text, size_t len,
                   const char *producer_id, queue_cb cb, void *arg)
 {
-    char k[2][KEY_MAX];
-    if (key2(k[0], ns, "queue:", queue) < 0)
+    struct enqueue_args e;
+    if (enqueue_args(&e, ns, queue, text, len, producer_id) != 0)
         return SETTLE_ETOOBIG;
-    int nkeys = 1;
-    if (producer_id != NULL && producer_id[0] != '\0') {
-        if (queue_dedup_key(k[1], KEY_MAX, ns, queue, producer_id) < 0)
-            return SETTLE_ETOOBIG;
-        nkeys = 2;
-    }
-    char a_ttl[24];
-    snprintf(a_ttl, sizeof(a_ttl), "%llu", (unsigned long long)QUEUE_DEDUP_TTL_MS);
-    const char *argv[4];
-    size_t lens[4];
-    int argc = 0;
-    for (int i = 0; i < nkeys; i++) {
-        argv[argc] = k[i];
-        lens[argc++] = strlen(k[i]);
-    }
-    argv[argc] = text;
-    lens[argc++] = len;
-    argv[argc] = a_ttl;
-    lens[argc++] = strlen(a_ttl);
-    return eval_int(rc, "queue_enqueue", nkeys, argc, argv, lens, cb, arg);
+    return eval_int(rc, "queue_enqueue", e.nkeys, e.argc, e.argv, e.lens, cb, arg);
 }
 
 /* --------------------------------------------------------------------------------------------
@@ -399,30 +413,11 @@ int queue_wait(struct rconn *waiter, const char *ns, const char *queue, uint64_t
 int queue_sync_enqueue(struct rconn_sync *s, const char *ns, const char *queue, const char *text,
                        size_t len, const char *producer_id)
 {
-    char k[2][KEY_MAX];
-    if (key2(k[0], ns, "queue:", queue) < 0)
+    struct enqueue_args e;
+    if (enqueue_args(&e, ns, queue, text, len, producer_id) != 0)
         return SETTLE_ETOOBIG;
-    int nkeys = 1;
-    if (producer_id != NULL && producer_id[0] != '\0') {
-        if (queue_dedup_key(k[1], KEY_MAX, ns, queue, producer_id) < 0)
-            return SETTLE_ETOOBIG;
-        nkeys = 2;
-    }
-    char a_ttl[24];
-    snprintf(a_ttl, sizeof(a_ttl), "%llu", (unsigned long long)QUEUE_DEDUP_TTL_MS);
-    const char *argv[4];
-    size_t lens[4];
-    int argc = 0;
-    for (int i = 0; i < nkeys; i++) {
-        argv[argc] = k[i];
-        lens[argc++] = strlen(k[i]);
-    }
-    argv[argc] = text;
-    lens[argc++] = len;
-    argv[argc] = a_ttl;
-    lens[argc++] = strlen(a_ttl);
     struct rconn_reply *r = NULL;
-    int ret = rconn_sync_eval(s, &r, "queue_enqueue", nkeys, argc, argv, lens);
+    int ret = rconn_sync_eval(s, &r, "queue_enqueue", e.nkeys, e.argc, e.argv, e.lens);
     if (ret == 0) {
         if (rconn_reply_type(r) == RCONN_INTEGER)
             ret = (int)rconn_reply_integer(r);
