@@ -2,7 +2,8 @@
  * cli.c - the `settle` command line.
  *
  * `work` and `pgsim` run long; every other command connects, does one bounded thing, prints
- * it (text for people, --json for scripts) and exits. Configuration comes from the same
+ * it (text for people, --json for scripts) and exits (`run` executes one scheduled task,
+ * bounded like the task itself). Configuration comes from the same
  * environment variables and flags as the worker (config.h).
  * Thread: the main thread only. Owns the connections it opens for the length of a command.
  */
@@ -11,6 +12,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +24,7 @@
 
 #include "settle/config.h"
 #include "settle/error.h"
+#include "settle/gateway.h"
 #include "settle/job.h"
 #include "settle/log.h"
 #include "settle/pgsim.h"
@@ -29,6 +32,7 @@
 #include "settle/rconn.h"
 #include "settle/stock.h"
 #include "settle/store.h"
+#include "settle/tasks.h"
 #include "settle/worker.h"
 
 #define EXIT_USAGE 2
@@ -56,6 +60,10 @@ static void usage(FILE *out)
           "  dlq purge <id>|--all [--reason R]   delete dead jobs for good\n"
           "  stock load                        set Redis stock from PostgreSQL minus reservations\n"
           "  stock show [sku] [--json]\n"
+          "  run <task> [--dry-run] [--force] [--date YYYY-MM-DD]\n"
+          "                                    run a scheduled task now: stale_sweep,\n"
+          "                                    order_expiry, orphan_sweep, stock_sync,\n"
+          "                                    daily_stats (--force, --date: daily_stats)\n"
           "  config                            print the effective configuration (redacted)\n"
           "tools:\n"
           "  pgsim [options]                   run the PG simulator (settle pgsim --help)\n"
@@ -726,6 +734,92 @@ out:
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * run: one scheduled task now, without a loop (the task functions block; that is what this
+ * command is for). Decisions go to stdout one per line, then the summary JSON; the log line
+ * goes to stderr like every other log line of a CLI command.
+ */
+static atomic_int run_cancel;
+
+static void on_run_signal(int sig)
+{
+    (void)sig;
+    /* The task stops at its next step and records what it did. */
+    atomic_store(&run_cancel, 1);
+}
+
+static int cmd_run(const struct config *cfg, int argc, char **argv)
+{
+    bool bad = false;
+    bool dry = take_flag(&argc, argv, "--dry-run");
+    bool force = take_flag(&argc, argv, "--force");
+    const char *date = take_opt(&argc, argv, "--date", &bad);
+    enum tasks_id id;
+    if (bad || reject_unknown_options(argc, argv, 1) != 0 || argc != 2 ||
+        tasks_parse(argv[1], &id) != 0) {
+        fprintf(stderr, "usage: settle run stale_sweep|order_expiry|orphan_sweep|stock_sync|"
+                        "daily_stats [--dry-run] [--force] [--date YYYY-MM-DD]\n");
+        return EXIT_USAGE;
+    }
+    if ((force || date != NULL) && id != TASK_DAILY_STATS) {
+        fprintf(stderr, "settle run: --force and --date apply to daily_stats only\n");
+        return EXIT_USAGE;
+    }
+    if (date != NULL && !tasks_date_valid(date)) {
+        fprintf(stderr, "settle run: --date %s is not a date YYYY-MM-DD\n", date);
+        return EXIT_USAGE;
+    }
+    struct config_redis_addr addr;
+    if (config_parse_redis_url(cfg->redis_url, &addr) != 0) {
+        fprintf(stderr, "settle: SETTLE_REDIS_URL does not parse\n");
+        return EXIT_USAGE;
+    }
+    struct store *s = NULL;
+    struct gateway *g = NULL;
+    int ret = 1;
+    if (open_store(cfg, &s) != 0)
+        return 1;
+    /* The orphan sweep fetches pages on its own threads, one easy handle each. */
+    struct gateway_config gcfg = {.base_url = cfg->gateway_url,
+                                  .connect_timeout_ms = cfg->gateway_connect_timeout_ms,
+                                  .timeout_ms = cfg->gateway_timeout_ms,
+                                  .body_max_bytes = cfg->gateway_body_max_bytes,
+                                  .max_handles = cfg->orphan_concurrency + 1};
+    if (gateway_create(&g, &gcfg) != 0) {
+        fprintf(stderr, "settle run: could not create the PG client\n");
+        goto out;
+    }
+    struct sigaction sa = {0};
+    sa.sa_handler = on_run_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    struct tasks_env env = {.cfg = cfg,
+                            .store = s,
+                            .gateway = g,
+                            .redis = addr,
+                            .worker_id = cfg->worker_id,
+                            .cancel = &run_cancel,
+                            .decisions = stdout};
+    struct tasks_run run = {.task = id, .dry_run = dry, .force = force};
+    if (date != NULL)
+        snprintf(run.date, sizeof(run.date), "%s", date);
+    struct tasks_outcome out;
+    int rc = tasks_run_manual(&env, &run, &out);
+    if (out.summary != NULL)
+        puts(out.summary);
+    fflush(stdout);
+    if (rc != 0 || !out.ok)
+        fprintf(stderr, "settle run %s: failed: %s\n", argv[1],
+                out.error[0] != '\0' ? out.error : settle_strerror(rc));
+    else
+        ret = 0;
+    tasks_outcome_free(&out);
+out:
+    gateway_destroy(g);
+    store_destroy(s);
+    return ret;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Dispatch.
  */
 int cli_main(int argc, char **argv)
@@ -769,10 +863,12 @@ int cli_main(int argc, char **argv)
         if (ret == 0) {
             /* libuv sizes its thread pool once, at the first queued work, from this variable
              * (default 4). A job holds at most one pool thread at a time (a PG or a PostgreSQL
-             * call), so SETTLE_CONCURRENCY threads never leave a job waiting for a thread.
+             * call), so SETTLE_CONCURRENCY threads never leave a job waiting for a thread;
+             * two more serve the scheduled task (one at a time) and the PostgreSQL health
+             * ping, so neither ever waits behind jobs nor makes them wait.
              * An operator's explicit UV_THREADPOOL_SIZE wins. */
             char threads[16];
-            snprintf(threads, sizeof(threads), "%u", cfg.concurrency);
+            snprintf(threads, sizeof(threads), "%u", cfg.concurrency + 2);
             if (getenv("UV_THREADPOOL_SIZE") == NULL)
                 setenv("UV_THREADPOOL_SIZE", threads, 1);
             ret = worker_run(&cfg);
@@ -789,6 +885,8 @@ int cli_main(int argc, char **argv)
         ret = cmd_dlq(&cfg, cargc, cargv);
     } else if (strcmp(cmd, "stock") == 0) {
         ret = cmd_stock(&cfg, cargc, cargv);
+    } else if (strcmp(cmd, "run") == 0) {
+        ret = cmd_run(&cfg, cargc, cargv);
     } else if (strcmp(cmd, "config") == 0) {
         char desc[8192];
         ret = config_describe(&cfg, desc, sizeof(desc)) > 0 ? 0 : 1;

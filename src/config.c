@@ -36,6 +36,8 @@ enum var_type {
     VAR_QUEUES,    /* comma-separated queue names into queues[] / n_queues */
     VAR_SCHEDULE,  /* struct retry_schedule, parsed by retry_schedule_parse() */
     VAR_LOG_LEVEL, /* enum log_level, parsed by log_level_parse() */
+    VAR_BOOL,      /* bool: on|off (also true|false, yes|no, 1|0) */
+    VAR_TIME,      /* unsigned minutes after midnight UTC from "HH:MM" */
 };
 
 /* The value may also come from <NAME>_FILE (or --<flag>-file) and is never echoed back in an
@@ -130,6 +132,48 @@ static const struct var vars[] = {
      "calls let through to test a half-open breaker"},
     {"SETTLE_DB_STATEMENT_TIMEOUT_MS", VAR_U64, OFF(db_statement_timeout_ms), "5000", 1, 3600000, 0,
      "PostgreSQL statement_timeout"},
+    {"SETTLE_SCHEDULER", VAR_BOOL, OFF(scheduler), "on", 0, 0, 0,
+     "run the scheduled tasks in this worker (on|off)"},
+    {"SETTLE_TASK_STALE_MS", VAR_U64, OFF(task_stale_ms), "600000", 1000, MS_DAY, 0,
+     "a running task without a heartbeat for this long is taken over"},
+    {"SETTLE_TASK_RETRY_MS", VAR_U64, OFF(task_retry_ms), "60000", 100, MS_DAY, 0,
+     "a failed daily task is tried again after this"},
+    {"SETTLE_TASK_MAX_ATTEMPTS", VAR_UINT, OFF(task_max_attempts), "5", 1, 100, 0,
+     "tries of one daily task period"},
+    {"SETTLE_SWEEP_INTERVAL_MS", VAR_U64, OFF(sweep_interval_ms), "60000", 100, 7 * MS_DAY, 0,
+     "stale-order sweep: runs start at least this far apart"},
+    {"SETTLE_SWEEP_MIN_AGE_MS", VAR_U64, OFF(sweep_min_age_ms), "600000", 0, 30 * MS_DAY, 0,
+     "stale-order sweep: PENDING orders older than this get a reconcile job"},
+    {"SETTLE_SWEEP_LIMIT", VAR_UINT, OFF(sweep_limit), "1000", 1, 100000, 0,
+     "stale-order sweep: orders per run, oldest first"},
+    {"SETTLE_EXPIRY_INTERVAL_MS", VAR_U64, OFF(expiry_interval_ms), "600000", 100, 7 * MS_DAY, 0,
+     "order expiry: runs start at least this far apart"},
+    {"SETTLE_EXPIRY_LIMIT", VAR_UINT, OFF(expiry_limit), "100", 1, 100000, 0,
+     "order expiry: orders per run"},
+    {"SETTLE_ORPHAN_INTERVAL_MS", VAR_U64, OFF(orphan_interval_ms), "600000", 100, 7 * MS_DAY, 0,
+     "PG orphan sweep: runs start at least this far apart"},
+    {"SETTLE_ORPHAN_WINDOW_MS", VAR_U64, OFF(orphan_window_ms), "86400000", 1000, 30 * MS_DAY, 0,
+     "PG orphan sweep: how far back the PG's payment list is read"},
+    {"SETTLE_ORPHAN_GRACE_MS", VAR_U64, OFF(orphan_grace_ms), "1800000", 0, 7 * MS_DAY, 0,
+     "PG orphan sweep: payments younger than this are left alone"},
+    {"SETTLE_ORPHAN_PAGE_SIZE", VAR_UINT, OFF(orphan_page_size), "100", 1, 1000, 0,
+     "PG orphan sweep: payments per page"},
+    {"SETTLE_ORPHAN_CONCURRENCY", VAR_UINT, OFF(orphan_concurrency), "4", 1, 64, 0,
+     "PG orphan sweep: pages fetched at once"},
+    {"SETTLE_ORPHAN_LOOKUP_BATCH", VAR_UINT, OFF(orphan_lookup_batch), "500", 1, 10000, 0,
+     "PG orphan sweep: order ids per PostgreSQL lookup"},
+    {"SETTLE_ORPHAN_REFUND_CAP", VAR_UINT, OFF(orphan_refund_cap), "50", 0, 100000, 0,
+     "PG orphan sweep: refund jobs per run (0 = record only)"},
+    {"SETTLE_ORPHAN_MAX_PAGES", VAR_UINT, OFF(orphan_max_pages), "10000", 1, 1000000, 0,
+     "PG orphan sweep: pages read per run"},
+    {"SETTLE_STOCK_SYNC_AT", VAR_TIME, OFF(stock_sync_at_min), "02:00", 0, 0, 0,
+     "stock sync: daily at this UTC time (HH:MM)"},
+    {"SETTLE_STOCK_SYNC_BATCH", VAR_UINT, OFF(stock_sync_batch), "1000", 1, 10000, 0,
+     "stock sync: SKUs per batch"},
+    {"SETTLE_STOCK_ALERT_THRESHOLD", VAR_UINT, OFF(stock_alert_threshold), "10", 0, 1000000, 0,
+     "stock sync: more mismatched SKUs than this raise one alert"},
+    {"SETTLE_DAILY_STATS_AT", VAR_TIME, OFF(daily_stats_at_min), "00:00", 0, 0, 0,
+     "daily statistics: daily at this UTC time (HH:MM), for the day before"},
     {"SETTLE_DLQ_ALERT_SIZE", VAR_U64, OFF(dlq_alert_size), "10000", 1, 1000000000, 0,
      "DLQ length that raises an alert"},
     {"SETTLE_LOG_LEVEL", VAR_LOG_LEVEL, OFF(log_level), "info", 0, 0, 0,
@@ -347,9 +391,46 @@ static int apply_value(struct config *c, const struct var *v, const char *text, 
             return SETTLE_EINVAL;
         }
         return 0;
+    case VAR_BOOL:
+        if (strcasecmp(text, "on") == 0 || strcasecmp(text, "true") == 0 ||
+            strcasecmp(text, "yes") == 0 || strcmp(text, "1") == 0) {
+            *(bool *)field_ptr(c, v) = true;
+        } else if (strcasecmp(text, "off") == 0 || strcasecmp(text, "false") == 0 ||
+                   strcasecmp(text, "no") == 0 || strcmp(text, "0") == 0) {
+            *(bool *)field_ptr(c, v) = false;
+        } else {
+            fail(why, why_len, "\"%.32s\" is not on or off", text);
+            return SETTLE_EINVAL;
+        }
+        return 0;
+    case VAR_TIME:
+        if (config_parse_time_of_day(text, field_ptr(c, v)) != 0) {
+            fail(why, why_len, "\"%.32s\" is not a UTC time of day HH:MM (00:00..23:59)", text);
+            return SETTLE_EINVAL;
+        }
+        return 0;
     default:
         abort();
     }
+}
+
+int config_parse_time_of_day(const char *s, unsigned *minutes)
+{
+    /* Exactly "HH:MM": a schedule is money-adjacent, so "2:0" or "24:00" is a typo to
+     * report, not something to guess at. */
+    if (s == NULL || strlen(s) != 5 || s[2] != ':')
+        return SETTLE_EINVAL;
+    for (int i = 0; i < 5; i++) {
+        if (i != 2 && (s[i] < '0' || s[i] > '9'))
+            return SETTLE_EINVAL;
+    }
+    unsigned h = (unsigned)(s[0] - '0') * 10 + (unsigned)(s[1] - '0');
+    unsigned m = (unsigned)(s[3] - '0') * 10 + (unsigned)(s[4] - '0');
+    if (h > 23 || m > 59)
+        return SETTLE_EINVAL;
+    if (minutes != NULL)
+        *minutes = h * 60 + m;
+    return 0;
 }
 
 static int default_worker_id(struct config *c)
@@ -999,6 +1080,39 @@ static int validate(struct config *c, char *err, size_t err_len)
              (unsigned long long)c->gateway_connect_timeout_ms);
         return SETTLE_EINVAL;
     }
+    if (c->orphan_grace_ms >= c->orphan_window_ms) {
+        fail(err, err_len,
+             "SETTLE_ORPHAN_GRACE_MS (%llu) must be below SETTLE_ORPHAN_WINDOW_MS (%llu), or the "
+             "orphan sweep would never look at a payment",
+             (unsigned long long)c->orphan_grace_ms, (unsigned long long)c->orphan_window_ms);
+        return SETTLE_EINVAL;
+    }
+    /* A list item is about 350 bytes of JSON; a page that cannot fit the answer cap would
+     * fail on every run. */
+    if ((uint64_t)c->orphan_page_size * 512 > c->gateway_body_max_bytes) {
+        fail(err, err_len,
+             "SETTLE_ORPHAN_PAGE_SIZE (%u) pages need about %u bytes, over "
+             "SETTLE_GATEWAY_BODY_MAX_BYTES (%llu): lower the page size or raise the cap",
+             c->orphan_page_size, c->orphan_page_size * 512,
+             (unsigned long long)c->gateway_body_max_bytes);
+        return SETTLE_EINVAL;
+    }
+    /* A task refreshes its heartbeat between steps, and one step may take a whole gateway
+     * call or SQL statement; a shorter stale timeout would declare live runs dead. Only
+     * scheduled runs are ever taken over, so this binds only with the scheduler on. */
+    if (c->scheduler) {
+        uint64_t step = c->gateway_timeout_ms > c->db_statement_timeout_ms
+                            ? c->gateway_timeout_ms
+                            : c->db_statement_timeout_ms;
+        if (c->task_stale_ms < 2 * step) {
+            fail(err, err_len,
+                 "SETTLE_TASK_STALE_MS (%llu) must be at least twice the longest single step "
+                 "(SETTLE_GATEWAY_TIMEOUT_MS / SETTLE_DB_STATEMENT_TIMEOUT_MS, %llu), or a live "
+                 "task would be taken over",
+                 (unsigned long long)c->task_stale_ms, (unsigned long long)step);
+            return SETTLE_EINVAL;
+        }
+    }
     if (c->concurrency < 1 || c->concurrency > 1024) {
         fail(err, err_len, "SETTLE_CONCURRENCY (%u) must be 1..1024", c->concurrency);
         return SETTLE_EINVAL;
@@ -1137,6 +1251,15 @@ static json_t *describe_value(const struct config *c, const struct var *v)
     }
     case VAR_LOG_LEVEL:
         return json_string(log_level_name(*(const enum log_level *)f));
+    case VAR_BOOL:
+        return json_string(*(const bool *)f ? "on" : "off");
+    case VAR_TIME: {
+        /* The same text the variable takes, so `settle config` output can be fed back. */
+        unsigned m = *(const unsigned *)f;
+        char hhmm[8];
+        snprintf(hhmm, sizeof(hhmm), "%02u:%02u", (m / 60) % 24, m % 60);
+        return json_string(hhmm);
+    }
     default:
         abort();
     }

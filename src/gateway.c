@@ -570,6 +570,147 @@ out:
     return rc;
 }
 
+/* --- The paged payment list ------------------------------------------------------------------ */
+
+void gateway_page_free(struct gateway_page *p)
+{
+    if (p == NULL)
+        return;
+    free(p->items);
+    memset(p, 0, sizeof *p);
+}
+
+/* One list element into *pay. The list is the merchant's view: it names the user (for the
+ * refund's X-USER-ID) and the creation time, but never card data, which is not read. */
+static int parse_list_payment(const json_t *obj, const char *ctx, struct gateway_payment *pay,
+                              char *why, size_t why_len)
+{
+    const char *s = NULL;
+    size_t n = 0;
+    int rc;
+
+    memset(pay, 0, sizeof *pay);
+    pay->created_ms = -1;
+    pay->cancelled_minor = -1;
+    pay->balance_minor = -1;
+    if (!json_is_object(obj))
+        return fail(why, why_len, SETTLE_EPARSE, "%s must be an object, got %s", ctx,
+                    json_type_name(obj));
+    rc = field_id(obj, ctx, "transactionKey", true, pay->transaction_key, why, why_len);
+    if (rc < 0)
+        return rc;
+    rc = field_id(obj, ctx, "orderId", true, pay->order_id, why, why_len);
+    if (rc < 0)
+        return rc;
+    rc = field_id(obj, ctx, "userId", false, pay->user_id, why, why_len);
+    if (rc < 0)
+        return rc;
+    rc = field_int(obj, ctx, "amount", 1, &pay->amount_minor, why, why_len);
+    if (rc < 0)
+        return rc;
+    if (rc == 1)
+        return fail(why, why_len, SETTLE_EPARSE, "%s has no \"amount\"", ctx);
+    rc = field_string(obj, ctx, "status", &s, &n, why, why_len);
+    if (rc < 0)
+        return rc;
+    if (rc == 1)
+        return fail(why, why_len, SETTLE_EPARSE, "%s has no \"status\"", ctx);
+    if (strlen(s) != n || status_parse(s, &pay->status) != 0) {
+        char shown[40];
+        copy_text(shown, sizeof shown, s, n);
+        return fail(why, why_len, SETTLE_EPARSE, "%s has unknown status \"%s\"", ctx, shown);
+    }
+    rc = field_int(obj, ctx, "createdAt", 0, &pay->created_ms, why, why_len);
+    if (rc < 0)
+        return rc;
+    rc = field_int(obj, ctx, "cancelledAmount", 0, &pay->cancelled_minor, why, why_len);
+    if (rc < 0)
+        return rc;
+    rc = field_int(obj, ctx, "balanceAmount", 0, &pay->balance_minor, why, why_len);
+    if (rc < 0)
+        return rc;
+    return 0;
+}
+
+/* A required non-negative integer field of the page object. */
+static int page_int(const json_t *data, const char *key, int64_t min, int64_t *out, char *why,
+                    size_t why_len)
+{
+    int rc = field_int(data, "PG answer data", key, min, out, why, why_len);
+    if (rc == 1)
+        return fail(why, why_len, SETTLE_EPARSE, "PG answer data has no \"%s\"", key);
+    return rc;
+}
+
+int gateway_parse_payment_page(const char *body, size_t len, struct gateway_page *out, char *why,
+                               size_t why_len)
+{
+    json_t *root = NULL, *data = NULL;
+    struct gateway_page pg;
+    int rc;
+
+    memset(&pg, 0, sizeof pg);
+    if (why != NULL && why_len > 0)
+        why[0] = '\0';
+    memset(out, 0, sizeof *out);
+    rc = decode_envelope(body, len, &root, &data, why, why_len);
+    if (rc != 0)
+        goto out;
+    if ((rc = page_int(data, "page", 0, &pg.page, why, why_len)) != 0 ||
+        (rc = page_int(data, "size", 1, &pg.size, why, why_len)) != 0 ||
+        (rc = page_int(data, "totalPages", 0, &pg.total_pages, why, why_len)) != 0 ||
+        (rc = page_int(data, "totalElements", 0, &pg.total_elements, why, why_len)) != 0)
+        goto out;
+    if (pg.size > GATEWAY_PAGE_SIZE_MAX) {
+        rc = fail(why, why_len, SETTLE_EPARSE, "PG answer page size %lld is over %d",
+                  (long long)pg.size, GATEWAY_PAGE_SIZE_MAX);
+        goto out;
+    }
+    json_t *list = json_object_get(data, "payments");
+    if (!json_is_array(list)) {
+        rc = fail(why, why_len, SETTLE_EPARSE,
+                  "PG answer data field \"payments\" must be an array, got %s",
+                  list == NULL ? "nothing" : json_type_name(list));
+        goto out;
+    }
+    size_t n = json_array_size(list);
+    /* A page longer than its size, or with elements past the last page, is not the
+     * documented shape; acting on it could skip or double-count payments. */
+    if (n > (size_t)pg.size) {
+        rc = fail(why, why_len, SETTLE_EPARSE,
+                  "PG answer page holds %zu payments, over its size %lld", n, (long long)pg.size);
+        goto out;
+    }
+    if (n > 0 && pg.page >= pg.total_pages) {
+        rc = fail(why, why_len, SETTLE_EPARSE,
+                  "PG answer page %lld holds payments but totalPages is %lld", (long long)pg.page,
+                  (long long)pg.total_pages);
+        goto out;
+    }
+    if (n > 0) {
+        pg.items = calloc(n, sizeof *pg.items);
+        if (pg.items == NULL) {
+            rc = fail(why, why_len, SETTLE_ENOMEM, "out of memory for %zu payments", n);
+            goto out;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        char ctx[48];
+        snprintf(ctx, sizeof ctx, "PG answer payments[%zu]", i);
+        rc = parse_list_payment(json_array_get(list, i), ctx, &pg.items[i], why, why_len);
+        if (rc != 0)
+            goto out;
+    }
+    pg.n = n;
+    *out = pg;
+    pg.items = NULL;
+    rc = 0;
+out:
+    free(pg.items);
+    json_decref(root);
+    return rc;
+}
+
 /* --- Classification -----------------------------------------------------------------------------
  */
 
@@ -607,6 +748,30 @@ const char *gateway_outcome_name(enum gateway_outcome o)
     default:
         /* A name lookup is used in logs and error paths; a bad value must not crash them. */
         return "invalid";
+    }
+}
+
+const char *gateway_result_class(const struct gateway_result *r)
+{
+    switch (r->outcome) {
+    case GATEWAY_OK:
+        return "2xx";
+    case GATEWAY_NOT_FOUND:
+        return "404";
+    case GATEWAY_REJECTED:
+        return "4xx";
+    case GATEWAY_BAD_RESPONSE:
+        return "bad_response";
+    case GATEWAY_TRANSIENT:
+        if (r->http_status == 429)
+            return "429";
+        if (r->http_status >= 500)
+            return "5xx";
+        if (strncmp(r->error, "timed out", 9) == 0)
+            return "timeout";
+        return "transport";
+    default:
+        abort();
     }
 }
 
@@ -1261,4 +1426,67 @@ out:
     free(body);
     json_decref(req);
     out->latency_us = now_us() - t0;
+}
+
+void gateway_list_payments_work(struct gateway *g, int64_t from_ms, int64_t to_ms, int64_t page,
+                                unsigned size, struct gateway_page *out, struct gateway_result *res)
+{
+    uint64_t t0 = now_us();
+    struct curl_slist *headers = NULL;
+    char *url = NULL;
+    CURL *h = NULL;
+    struct exchange ex;
+    char why[GATEWAY_ERROR_MAX];
+
+    memset(&ex, 0, sizeof ex);
+    memset(out, 0, sizeof *out);
+    result_init(res);
+    if (from_ms < 0 || to_ms < from_ms || page < 0 || size < 1 || size > GATEWAY_PAGE_SIZE_MAX) {
+        res->outcome = GATEWAY_REJECTED;
+        set_error(res, "not sent: bad list arguments (from %lld, to %lld, page %lld, size %u)",
+                  (long long)from_ms, (long long)to_ms, (long long)page, size);
+        goto out;
+    }
+    h = handle_acquire(g);
+    if (h == NULL) {
+        local_failure(res, "creating a curl handle");
+        goto out;
+    }
+    /* No X-USER-ID: the merchant's list covers every user's payments. */
+    if (!add_header(&headers, "Accept", "application/json")) {
+        local_failure(res, "building headers");
+        goto out;
+    }
+    size_t n = strlen(g->base_url) + 160;
+    url = malloc(n);
+    if (url == NULL) {
+        local_failure(res, "building the URL");
+        goto out;
+    }
+    snprintf(url, n, "%s/api/v1/payments?from=%lld&to=%lld&page=%lld&size=%u", g->base_url,
+             (long long)from_ms, (long long)to_ms, (long long)page, size);
+    exchange_run(g, h, url, headers, NULL, 0, &ex);
+    if (exchange_judge(g, &ex, res)) {
+        const char *b = ex.body.data != NULL ? ex.body.data : "";
+        int rc = gateway_parse_payment_page(b, ex.body.len, out, why, sizeof why);
+        if (rc == SETTLE_ENOMEM) {
+            local_failure(res, "reading the payment list");
+        } else {
+            parse_judge(rc, why, res);
+            if (rc == 0 && out->page != page) {
+                res->outcome = GATEWAY_BAD_RESPONSE;
+                set_error(res, "PG answered page %lld when asked for page %lld",
+                          (long long)out->page, (long long)page);
+            }
+        }
+        if (res->outcome != GATEWAY_OK)
+            gateway_page_free(out);
+    }
+out:
+    if (h != NULL)
+        handle_release(g, h);
+    exchange_free(&ex);
+    curl_slist_free_all(headers);
+    free(url);
+    res->latency_us = now_us() - t0;
 }

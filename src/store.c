@@ -1772,3 +1772,1124 @@ out:
     free(pg);
     return rc;
 }
+
+/* --- Scheduled work ----------------------------------------------------------------------------
+ */
+
+/* epoch ms of a timestamptz, as SQL text: every time crosses this module as a number. */
+#define EPOCH_MS(col) "(extract(epoch FROM " col ") * 1000)::bigint"
+
+/* Clears err and checks the session-independent arguments every function here needs. */
+static void err_clear(char *err, size_t err_len)
+{
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+}
+
+/* Parses a decimal integer column or fails the statement with what it was. */
+static int column_int(struct session *ss, const PGresult *res, int row, int col, const char *what,
+                      int64_t *out)
+{
+    if (parse_i64(PQgetvalue(res, row, col), out) != 0) {
+        err_set(ss->err, ss->err_len, "postgresql: unexpected number in ", what);
+        return SETTLE_EPARSE;
+    }
+    return 0;
+}
+
+/*
+ * A PostgreSQL array literal ({"a","b",NULL}) of n values for an ANY() or unnest()
+ * parameter: NULL entries become SQL NULLs, '"' and '\' are escaped, and bytes that are not
+ * valid UTF-8 become '?', so one odd value cannot make PostgreSQL refuse a whole batch.
+ * malloc'd; NULL on allocation failure.
+ */
+static char *array_literal(const char *const *v, size_t n)
+{
+    size_t cap = 3;
+    for (size_t i = 0; i < n; i++)
+        cap += v[i] != NULL ? 2 * strlen(v[i]) + 3 : 5;
+    char *out = malloc(cap);
+    if (out == NULL)
+        return NULL;
+    size_t o = 0;
+    out[o++] = '{';
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0)
+            out[o++] = ',';
+        if (v[i] == NULL) {
+            memcpy(out + o, "NULL", 4);
+            o += 4;
+            continue;
+        }
+        out[o++] = '"';
+        size_t len = strlen(v[i]);
+        for (size_t k = 0; k < len;) {
+            size_t sl = utf8_seq_len((const unsigned char *)v[i] + k, len - k);
+            if (sl == 0) {
+                out[o++] = '?';
+                k++;
+                continue;
+            }
+            if (sl == 1 && (v[i][k] == '"' || v[i][k] == '\\'))
+                out[o++] = '\\';
+            memcpy(out + o, v[i] + k, sl);
+            o += sl;
+            k += sl;
+        }
+        out[o++] = '"';
+    }
+    out[o++] = '}';
+    out[o] = '\0';
+    return out;
+}
+
+/* Decimal text of n int64 values (NULL where absent[i]), kept alive for array_literal. */
+struct int_texts {
+    char (*buf)[24];
+    const char **ptr;
+};
+
+static int int_texts_make(struct int_texts *t, size_t n, const int64_t *vals, size_t stride,
+                          bool null_if_negative)
+{
+    t->buf = calloc(n + 1, sizeof(*t->buf));
+    t->ptr = calloc(n + 1, sizeof(*t->ptr));
+    if (t->buf == NULL || t->ptr == NULL)
+        return SETTLE_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        int64_t v = *(const int64_t *)(const void *)((const char *)vals + i * stride);
+        if (null_if_negative && v < 0) {
+            t->ptr[i] = NULL;
+            continue;
+        }
+        snprintf(t->buf[i], sizeof(t->buf[i]), "%" PRId64, v);
+        t->ptr[i] = t->buf[i];
+    }
+    return 0;
+}
+
+static void int_texts_free(struct int_texts *t)
+{
+    free(t->buf);
+    free(t->ptr);
+    t->buf = NULL;
+    t->ptr = NULL;
+}
+
+/* Columns of a task_runs row as task_row_read expects them. */
+#define TASK_COLUMNS                                                                               \
+    "r.period, coalesce(r.seq, 0), r.status, " EPOCH_MS("r.started_at") ", " EPOCH_MS(             \
+        "r.heartbeat_at") ", coalesce(" EPOCH_MS("r.finished_at") ", -1), r.attempts, r.worker"
+
+/* Fills *row from row i of res (TASK_COLUMNS after a leading task column). */
+static int task_row_read(struct session *ss, const PGresult *res, int i, struct store_task_row *row)
+{
+    int64_t attempts;
+    int rc;
+
+    memset(row, 0, sizeof(*row));
+    rc = copy_id(ss, row->period, sizeof(row->period), PQgetvalue(res, i, 1), "task_runs.period");
+    if (rc == 0)
+        rc = copy_id(ss, row->status, sizeof(row->status), PQgetvalue(res, i, 3),
+                     "task_runs.status");
+    if (rc == 0)
+        rc = column_int(ss, res, i, 2, "task_runs.seq", &row->seq);
+    if (rc == 0)
+        rc = column_int(ss, res, i, 4, "task_runs.started_at", &row->started_ms);
+    if (rc == 0)
+        rc = column_int(ss, res, i, 5, "task_runs.heartbeat_at", &row->heartbeat_ms);
+    if (rc == 0)
+        rc = column_int(ss, res, i, 6, "task_runs.finished_at", &row->finished_ms);
+    if (rc == 0)
+        rc = column_int(ss, res, i, 7, "task_runs.attempts", &attempts);
+    if (rc != 0)
+        return rc;
+    /* The worker name is for people (a log line); cutting it is harmless. */
+    copy_text(row->worker, sizeof(row->worker), PQgetvalue(res, i, 8));
+    row->attempts = attempts > 0 && attempts < INT_MAX ? (unsigned)attempts : 1;
+    row->found = true;
+    return 0;
+}
+
+/* Copies each result row into rows[] of the task it names (the first column). */
+static int task_rows_place(struct session *ss, const PGresult *res, size_t n,
+                           const char *const *tasks, const char (*periods)[STORE_PERIOD_MAX + 1],
+                           bool want_interval, struct store_task_row *rows)
+{
+    for (int r = 0; r < PQntuples(res); r++) {
+        for (size_t i = 0; i < n; i++) {
+            bool interval = periods[i][0] == '\0';
+            if (interval != want_interval || strcmp(tasks[i], PQgetvalue(res, r, 0)) != 0 ||
+                (!interval && strcmp(periods[i], PQgetvalue(res, r, 1)) != 0))
+                continue;
+            int rc = task_row_read(ss, res, r, &rows[i]);
+            if (rc != 0)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+int store_task_states_work(struct store *s, size_t n, const char *const *tasks,
+                           store_period_fn period_of, void *arg, struct store_task_row *rows,
+                           int64_t *now_ms, char *err, size_t err_len)
+{
+    char periods[16][STORE_PERIOD_MAX + 1];
+    const char *iv_tasks[16], *d_tasks[16], *d_periods[16];
+    size_t n_iv = 0, n_d = 0;
+    char *iv_lit = NULL, *dt_lit = NULL, *dp_lit = NULL;
+    struct session ss = {0};
+    PGresult *res = NULL;
+    int rc;
+
+    err_clear(err, err_len);
+    if (s == NULL || n == 0 || n > 16 || tasks == NULL || period_of == NULL || rows == NULL ||
+        now_ms == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    memset(rows, 0, n * sizeof(*rows));
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    if (rc != 0)
+        goto out;
+    /* PostgreSQL's clock: every worker schedules by it, so theirs do not need to agree. */
+    rc = exec_params(&ss, "SELECT " EPOCH_MS("now()"), 0, NULL, &res);
+    if (rc == 0)
+        rc = column_int(&ss, res, 0, 0, "now()", now_ms);
+    if (rc != 0)
+        goto out;
+    PQclear(res);
+    res = NULL;
+    for (size_t i = 0; i < n; i++) {
+        periods[i][0] = '\0';
+        rc = period_of(arg, *now_ms, i, periods[i]);
+        if (rc != 0)
+            goto out;
+        if (periods[i][0] == '\0') {
+            iv_tasks[n_iv++] = tasks[i];
+        } else {
+            d_tasks[n_d] = tasks[i];
+            d_periods[n_d++] = periods[i];
+        }
+    }
+    if (n_iv > 0) {
+        iv_lit = array_literal(iv_tasks, n_iv);
+        if (iv_lit == NULL) {
+            rc = SETTLE_ENOMEM;
+            goto out;
+        }
+        const char *p[1] = {iv_lit};
+        /* Each interval task's latest run (the index on (task, seq DESC) serves it). */
+        rc = exec_params(&ss,
+                         "SELECT DISTINCT ON (r.task) r.task, " TASK_COLUMNS " FROM task_runs r "
+                         "WHERE r.task = ANY ($1::text[]) AND r.seq IS NOT NULL "
+                         "ORDER BY r.task, r.seq DESC",
+                         1, p, &res);
+        if (rc == 0)
+            rc = task_rows_place(&ss, res, n, tasks, periods, true, rows);
+        if (rc != 0)
+            goto out;
+        PQclear(res);
+        res = NULL;
+    }
+    if (n_d > 0) {
+        dt_lit = array_literal(d_tasks, n_d);
+        dp_lit = array_literal(d_periods, n_d);
+        if (dt_lit == NULL || dp_lit == NULL) {
+            rc = SETTLE_ENOMEM;
+            goto out;
+        }
+        const char *p[2] = {dt_lit, dp_lit};
+        /* The rows of the daily tasks' current periods (primary key lookups). */
+        rc = exec_params(&ss,
+                         "SELECT r.task, " TASK_COLUMNS " FROM task_runs r "
+                         "JOIN unnest($1::text[], $2::text[]) AS w(task, period) "
+                         "ON r.task = w.task AND r.period = w.period",
+                         2, p, &res);
+        if (rc == 0)
+            rc = task_rows_place(&ss, res, n, tasks, periods, false, rows);
+        if (rc != 0)
+            goto out;
+    }
+    rc = tx_commit(&ss);
+out:
+    free(iv_lit);
+    free(dt_lit);
+    free(dp_lit);
+    PQclear(res);
+    session_close(&ss);
+    return rc;
+}
+
+int store_task_claim_work(struct store *s, const struct store_task_claim *c, bool *claimed,
+                          bool *took_over, char *err, size_t err_len)
+{
+    char seq[24], stale[24], retry[24], attempts[16];
+    struct session ss = {0};
+    PGresult *res = NULL;
+    int64_t rows = 0;
+    int rc;
+
+    err_clear(err, err_len);
+    if (claimed != NULL)
+        *claimed = false;
+    if (took_over != NULL)
+        *took_over = false;
+    if (s == NULL || c == NULL || claimed == NULL || c->task == NULL || c->period == NULL ||
+        c->worker == NULL || (c->kind == STORE_CLAIM_INTERVAL && c->seq <= 0)) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    snprintf(seq, sizeof(seq), "%" PRId64, c->seq);
+    snprintf(stale, sizeof(stale), "%" PRIu64, c->stale_ms);
+    snprintf(retry, sizeof(retry), "%" PRIu64, c->retry_ms);
+    snprintf(attempts, sizeof(attempts), "%u", c->max_attempts);
+    const char *dry = c->dry_run ? "true" : "false";
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    switch (c->kind) {
+    case STORE_CLAIM_INTERVAL: {
+        if (c->stale_period != NULL) {
+            const char *p[4] = {c->task, c->stale_period, stale, c->worker};
+            /* Marks a run whose worker stopped beating failed, if it still is that run. */
+            rc = exec_count(&ss,
+                            "UPDATE task_runs SET status = 'failed', finished_at = now(), "
+                            "error = 'worker ' || worker || ' died: no heartbeat for ' || "
+                            "$3::text || ' ms; run ' || $2::text || ' taken over by ' || "
+                            "$4::text WHERE task = $1::text AND period = $2::text "
+                            "AND status = 'running' "
+                            "AND heartbeat_at < now() - $3::bigint * interval '1 millisecond'",
+                            4, p, &rows);
+            if (rc != 0)
+                goto out;
+            if (rows == 0) {
+                /* It finished, or another worker took it over first: nothing to claim. */
+                rc = tx_commit(&ss);
+                goto out;
+            }
+            if (took_over != NULL)
+                *took_over = true;
+        }
+        const char *p[5] = {c->task, c->period, seq, c->worker, dry};
+        /* Claims run seq: the primary key lets exactly one worker's insert win. */
+        rc = exec_count(&ss,
+                        "INSERT INTO task_runs (task, period, seq, worker, dry_run) "
+                        "VALUES ($1::text, $2::text, $3::bigint, $4::text, $5::boolean) "
+                        "ON CONFLICT (task, period) DO NOTHING",
+                        5, p, &rows);
+        break;
+    }
+    case STORE_CLAIM_DAILY: {
+        const char *p[7] = {c->task, c->period, c->worker, dry, attempts, retry, stale};
+        /* Claims the day's run, or the next attempt of one that failed retry ms ago or whose
+         * worker stopped beating; old_status (read before the statement) says which. */
+        rc = exec_params(&ss,
+                         "WITH old AS (SELECT status FROM task_runs WHERE task = $1::text "
+                         "AND period = $2::text) "
+                         "INSERT INTO task_runs AS t (task, period, worker, dry_run) "
+                         "VALUES ($1::text, $2::text, $3::text, $4::boolean) "
+                         "ON CONFLICT (task, period) DO UPDATE SET status = 'running', "
+                         "started_at = now(), heartbeat_at = now(), finished_at = NULL, "
+                         "worker = EXCLUDED.worker, dry_run = EXCLUDED.dry_run, "
+                         "attempts = t.attempts + 1, summary = NULL, "
+                         "error = CASE WHEN t.status = 'running' THEN 'attempt ' || t.attempts "
+                         "|| ' by ' || t.worker || ' died (no heartbeat)' ELSE t.error END "
+                         "WHERE t.attempts < $5::integer AND ((t.status = 'failed' "
+                         "AND t.finished_at <= now() - $6::bigint * interval '1 millisecond') "
+                         "OR (t.status = 'running' "
+                         "AND t.heartbeat_at < now() - $7::bigint * interval '1 millisecond')) "
+                         "RETURNING (SELECT status FROM old)",
+                         7, p, &res);
+        if (rc != 0)
+            goto out;
+        rows = PQntuples(res);
+        if (rows > 0 && took_over != NULL && strcmp(PQgetvalue(res, 0, 0), "running") == 0)
+            *took_over = true;
+        break;
+    }
+    case STORE_CLAIM_MANUAL: {
+        const char *p[4] = {c->task, c->period, c->worker, dry};
+        /* Records a manual run under its own period, beside the scheduled ones. */
+        rc = exec_count(&ss,
+                        "INSERT INTO task_runs (task, period, worker, dry_run) "
+                        "VALUES ($1::text, $2::text, $3::text, $4::boolean) "
+                        "ON CONFLICT (task, period) DO NOTHING",
+                        4, p, &rows);
+        break;
+    }
+    default:
+        fprintf(stderr, "%s:%d: unknown claim kind %d\n", __FILE__, __LINE__, (int)c->kind);
+        abort();
+    }
+    if (rc != 0)
+        goto out;
+    rc = tx_commit(&ss);
+    if (rc == 0)
+        *claimed = rows > 0;
+out:
+    if (rc != 0 && took_over != NULL)
+        *took_over = false;
+    PQclear(res);
+    session_close(&ss);
+    return rc;
+}
+
+int store_task_heartbeat_work(struct store *s, const char *task, const char *period,
+                              const char *worker, bool *ours, char *err, size_t err_len)
+{
+    const char *params[3] = {task, period, worker};
+    struct session ss = {0};
+    int64_t rows = 0;
+    int rc;
+
+    err_clear(err, err_len);
+    if (s == NULL || task == NULL || period == NULL || worker == NULL || ours == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* Shows the run is alive, while it is still this worker's. */
+    rc = exec_count(&ss,
+                    "UPDATE task_runs SET heartbeat_at = now() WHERE task = $1::text "
+                    "AND period = $2::text AND worker = $3::text AND status = 'running'",
+                    3, params, &rows);
+    if (rc == 0)
+        rc = tx_commit(&ss);
+    if (rc == 0)
+        *ours = rows > 0;
+out:
+    session_close(&ss);
+    return rc;
+}
+
+int store_task_finish_work(struct store *s, const char *task, const char *period,
+                           const char *worker, const char *status, const char *summary_json,
+                           const char *error, bool *recorded, char *err, size_t err_len)
+{
+    struct session ss = {0};
+    char *clean_error = NULL;
+    bool oom = false;
+    int64_t rows = 0;
+    int rc;
+
+    err_clear(err, err_len);
+    if (recorded != NULL)
+        *recorded = false;
+    if (s == NULL || task == NULL || period == NULL || worker == NULL || status == NULL ||
+        (strcmp(status, "done") != 0 && strcmp(status, "failed") != 0)) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    clean_error = text_dup_clean(error, &oom);
+    if (oom) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    const char *params[6] = {task, period, worker, status, summary_json, clean_error};
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* Ends the run with its summary, only while it is still this worker's. */
+    rc = exec_count(&ss,
+                    "UPDATE task_runs SET status = $4::text, finished_at = now(), "
+                    "heartbeat_at = now(), summary = $5::jsonb, error = $6::text "
+                    "WHERE task = $1::text AND period = $2::text AND worker = $3::text "
+                    "AND status = 'running'",
+                    6, params, &rows);
+    if (rc == 0)
+        rc = tx_commit(&ss);
+    if (rc == 0 && recorded != NULL)
+        *recorded = rows > 0;
+out:
+    free(clean_error);
+    session_close(&ss);
+    return rc;
+}
+
+int store_pending_orders_work(struct store *s, const struct store_pending_query *q,
+                              struct store_pending_order **out, size_t *n, char *err,
+                              size_t err_len)
+{
+    char age[24], grace[24], limit[16], key[4];
+    struct store_pending_order *list = NULL;
+    struct session ss = {0};
+    PGresult *res = NULL;
+    int rows = 0, rc;
+
+    err_clear(err, err_len);
+    if (s == NULL || q == NULL || out == NULL || n == NULL || q->limit == 0 ||
+        q->min_age_ms > (uint64_t)INT64_MAX || q->recheck_grace_ms > (uint64_t)INT64_MAX) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    *out = NULL;
+    *n = 0;
+    snprintf(age, sizeof(age), "%" PRIu64, q->min_age_ms);
+    snprintf(grace, sizeof(grace), "%" PRIu64, q->recheck_grace_ms);
+    snprintf(limit, sizeof(limit), "%u", q->limit);
+    snprintf(key, sizeof(key), "%d", (int)q->key);
+    const char *params[5] = {age, key, q->unwatched_only ? "true" : "false", grace, limit};
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    if (rc != 0)
+        goto out;
+    /* PENDING orders older than $1 ms, filtered by whether a transaction key is known ($2:
+     * 0 any, 1 with, 2 without) and, with $3, by nobody re-checking them, oldest first. The
+     * partial index on PENDING orders' created_at serves the scan. */
+    rc = exec_params(
+        &ss,
+        "SELECT o.id, o.user_id, coalesce(p.transaction_key, ''), "
+        "greatest(0, " EPOCH_MS(
+            "(now() - o.created_at)") ") "
+                                      "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "
+                                      "WHERE o.status = 'PENDING' "
+                                      "AND o.created_at < now() - $1::bigint * interval '1 "
+                                      "millisecond' "
+                                      "AND ($2::integer = 0 OR ($2::integer = 1) = "
+                                      "(p.transaction_key IS NOT NULL)) "
+                                      "AND (NOT $3::boolean OR o.next_check_at IS NULL OR "
+                                      "o.next_check_at < now() "
+                                      "- $4::bigint * interval '1 millisecond') "
+                                      "ORDER BY o.created_at, o.id LIMIT $5::integer",
+        5, params, &res);
+    if (rc != 0)
+        goto out;
+    rows = PQntuples(res);
+    if (rows > 0) {
+        list = calloc((size_t)rows, sizeof(*list));
+        if (list == NULL) {
+            rc = SETTLE_ENOMEM;
+            goto out;
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        int64_t a;
+        rc = copy_id(&ss, list[i].id, sizeof(list[i].id), PQgetvalue(res, i, 0), "orders.id");
+        if (rc == 0)
+            rc = copy_id(&ss, list[i].user_id, sizeof(list[i].user_id), PQgetvalue(res, i, 1),
+                         "orders.user_id");
+        if (rc == 0)
+            rc = copy_id(&ss, list[i].transaction_key, sizeof(list[i].transaction_key),
+                         PQgetvalue(res, i, 2), "payments.transaction_key");
+        if (rc == 0)
+            rc = column_int(&ss, res, i, 3, "order age", &a);
+        if (rc != 0)
+            goto out;
+        list[i].age_ms = (uint64_t)a;
+    }
+    rc = tx_commit(&ss);
+    if (rc != 0)
+        goto out;
+    *out = list;
+    *n = (size_t)rows;
+    list = NULL;
+out:
+    free(list);
+    PQclear(res);
+    session_close(&ss);
+    return rc;
+}
+
+int store_expire_order_work(struct store *s, const char *order_id, const char *reason,
+                            bool *expired, char *status_after, char *err, size_t err_len)
+{
+    struct session ss = {0};
+    int64_t rows = 0;
+    int rc;
+
+    err_clear(err, err_len);
+    if (expired != NULL)
+        *expired = false;
+    if (status_after != NULL)
+        status_after[0] = '\0';
+    if (s == NULL || order_id == NULL || order_id[0] == '\0' || expired == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    const char *params[2] = {order_id, reason != NULL ? reason : EXPIRE_REASON_DEFAULT};
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* PENDING -> EXPIRED, unless a transaction key was recorded meanwhile (then the order
+     * has a payment to reconcile and is never expired blindly). */
+    rc = exec_count(&ss,
+                    "UPDATE orders o SET status = 'EXPIRED', failure_reason = $2::text, "
+                    "updated_at = now() WHERE o.id = $1::text AND o.status = 'PENDING' "
+                    "AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.order_id = o.id "
+                    "AND p.transaction_key IS NOT NULL)",
+                    2, params, &rows);
+    if (rc == 0 && status_after != NULL)
+        rc = order_status_read(&ss, order_id, status_after, STORE_STATUS_MAX);
+    if (rc == 0)
+        rc = tx_commit(&ss);
+    if (rc == 0)
+        *expired = rows > 0;
+out:
+    session_close(&ss);
+    return rc;
+}
+
+int store_orders_lookup_work(struct store *s, const char *const *ids, size_t n,
+                             struct store_order_match *out, size_t *found, char *err,
+                             size_t err_len)
+{
+    struct session ss = {0};
+    PGresult *res = NULL;
+    char *ids_lit = NULL;
+    int rows = 0, rc;
+
+    err_clear(err, err_len);
+    if (found != NULL)
+        *found = 0;
+    if (s == NULL || ids == NULL || out == NULL || found == NULL || n == 0 || n > 10000) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    ids_lit = array_literal(ids, n);
+    if (ids_lit == NULL) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    const char *params[1] = {ids_lit};
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    if (rc != 0)
+        goto out;
+    /* One batch of orders by id (= ANY uses the primary key), with the payment and whether
+     * a refund that is not FAILED exists for the order. */
+    rc = exec_params(&ss,
+                     "SELECT o.id, o.user_id, o.status, o.amount_minor, "
+                     "coalesce(p.transaction_key, ''), coalesce(p.status, ''), "
+                     "EXISTS (SELECT 1 FROM refunds r WHERE r.order_id = o.id "
+                     "AND r.state <> 'FAILED') "
+                     "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "
+                     "WHERE o.id = ANY ($1::text[])",
+                     1, params, &res);
+    if (rc != 0)
+        goto out;
+    rows = PQntuples(res);
+    if ((size_t)rows > n) {
+        err_set(err, err_len, "postgresql: ", "more orders than ids looked up");
+        rc = SETTLE_EINTERNAL;
+        goto out;
+    }
+    for (int i = 0; i < rows; i++) {
+        struct store_order_match *m = &out[i];
+        memset(m, 0, sizeof(*m));
+        rc = copy_id(&ss, m->id, sizeof(m->id), PQgetvalue(res, i, 0), "orders.id");
+        if (rc == 0)
+            rc = copy_id(&ss, m->user_id, sizeof(m->user_id), PQgetvalue(res, i, 1),
+                         "orders.user_id");
+        if (rc == 0)
+            rc = copy_id(&ss, m->status, sizeof(m->status), PQgetvalue(res, i, 2), "orders.status");
+        if (rc == 0)
+            rc = column_int(&ss, res, i, 3, "orders.amount_minor", &m->amount_minor);
+        if (rc == 0)
+            rc = copy_id(&ss, m->payment_key, sizeof(m->payment_key), PQgetvalue(res, i, 4),
+                         "payments.transaction_key");
+        if (rc == 0)
+            rc = copy_id(&ss, m->payment_status, sizeof(m->payment_status), PQgetvalue(res, i, 5),
+                         "payments.status");
+        if (rc != 0)
+            goto out;
+        m->refund_open = strcmp(PQgetvalue(res, i, 6), "t") == 0;
+    }
+    rc = tx_commit(&ss);
+    if (rc == 0)
+        *found = (size_t)rows;
+out:
+    free(ids_lit);
+    PQclear(res);
+    session_close(&ss);
+    return rc;
+}
+
+int store_orphan_payment_work(struct store *s, const char *order_id, const char *transaction_key,
+                              int64_t amount_minor, bool *ready, char *detail, size_t detail_len,
+                              char *err, size_t err_len)
+{
+    char amount[24];
+    struct session ss = {0};
+    PGresult *res = NULL;
+    int rc;
+
+    err_clear(err, err_len);
+    if (detail != NULL && detail_len > 0)
+        detail[0] = '\0';
+    if (ready != NULL)
+        *ready = false;
+    if (s == NULL || order_id == NULL || transaction_key == NULL || transaction_key[0] == '\0' ||
+        amount_minor <= 0 || ready == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    snprintf(amount, sizeof(amount), "%" PRId64, amount_minor);
+    const char *params[3] = {order_id, transaction_key, amount};
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* Records the captured payment of a FAILED/EXPIRED order for its full amount: a new
+     * payments row, or a PENDING/FAILED row of the same (or no) key moves to SUCCESS. A row
+     * of another key is left alone (the order has another payment; a person decides). The
+     * unique transaction_key refuses a key that belongs to another order. */
+    rc = exec_params(&ss,
+                     "INSERT INTO payments AS p (order_id, transaction_key, user_id, "
+                     "amount_minor, status, reason) "
+                     "SELECT o.id, $2::text, o.user_id, $3::bigint, 'SUCCESS', "
+                     "'captured at the PG; found by the orphan sweep' FROM orders o "
+                     "WHERE o.id = $1::text AND o.status IN ('FAILED', 'EXPIRED') "
+                     "AND o.amount_minor = $3::bigint "
+                     "ON CONFLICT (order_id) DO UPDATE SET status = 'SUCCESS', "
+                     "transaction_key = EXCLUDED.transaction_key, "
+                     "amount_minor = EXCLUDED.amount_minor, reason = EXCLUDED.reason, "
+                     "updated_at = now() "
+                     "WHERE (p.transaction_key = EXCLUDED.transaction_key "
+                     "OR p.transaction_key IS NULL) AND p.status IN ('PENDING', 'FAILED')",
+                     3, params, NULL);
+    if (rc != 0)
+        goto out;
+    /* Reads the payment the order has now. */
+    rc = exec_params(&ss,
+                     "SELECT coalesce(transaction_key, ''), status FROM payments "
+                     "WHERE order_id = $1::text",
+                     1, params, &res);
+    if (rc != 0)
+        goto out;
+    if (PQntuples(res) == 0) {
+        snprintf(detail, detail_len, "the order is not FAILED/EXPIRED for this amount");
+    } else if (strcmp(PQgetvalue(res, 0, 0), transaction_key) != 0) {
+        snprintf(detail, detail_len, "the order's payment is another transaction (%.64s)",
+                 PQgetvalue(res, 0, 0));
+    } else if (strcmp(PQgetvalue(res, 0, 1), "SUCCESS") != 0 &&
+               strcmp(PQgetvalue(res, 0, 1), "PARTIALLY_REFUNDED") != 0) {
+        snprintf(detail, detail_len, "the payment is %.24s here", PQgetvalue(res, 0, 1));
+    } else {
+        *ready = true;
+    }
+    rc = tx_commit(&ss);
+    if (rc != 0)
+        *ready = false;
+out:
+    PQclear(res);
+    session_close(&ss);
+    return rc;
+}
+
+int store_orphan_decisions_work(struct store *s, const char *period,
+                                const struct store_orphan_decision *d, size_t n, char *err,
+                                size_t err_len)
+{
+    enum { COLS = 9 };
+    struct session ss = {0};
+    struct int_texts amounts = {0}, created = {0};
+    const char **col[COLS] = {0};
+    char *lit[COLS] = {0};
+    int rc = 0;
+
+    err_clear(err, err_len);
+    if (s == NULL || period == NULL || (n > 0 && d == NULL)) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    if (n == 0)
+        goto out;
+    if (int_texts_make(&amounts, n, &d[0].amount_minor, sizeof(d[0]), false) != 0 ||
+        int_texts_make(&created, n, &d[0].pg_created_ms, sizeof(d[0]), true) != 0) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    for (int k = 0; k < COLS; k++) {
+        col[k] = calloc(n, sizeof(*col[k]));
+        if (col[k] == NULL) {
+            rc = SETTLE_ENOMEM;
+            goto out;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        col[0][i] = d[i].transaction_key;
+        col[1][i] = d[i].order_id;
+        col[2][i] = d[i].user_id;
+        col[3][i] = amounts.ptr[i];
+        col[4][i] = d[i].pg_status;
+        col[5][i] = created.ptr[i];
+        col[6][i] = d[i].order_status;
+        col[7][i] = d[i].decision;
+        col[8][i] = d[i].detail;
+    }
+    for (int k = 0; k < COLS; k++) {
+        lit[k] = array_literal(col[k], n);
+        if (lit[k] == NULL) {
+            rc = SETTLE_ENOMEM;
+            goto out;
+        }
+    }
+    const char *params[COLS + 1] = {period, lit[0], lit[1], lit[2], lit[3],
+                                    lit[4], lit[5], lit[6], lit[7], lit[8]};
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* One row per decision from parallel arrays; a repeated run period keeps its first. */
+    rc = exec_params(&ss,
+                     "INSERT INTO orphan_decisions (period, transaction_key, order_id, user_id, "
+                     "amount_minor, pg_status, pg_created_at, order_status, decision, detail) "
+                     "SELECT $1::text, k, o, u, a, ps, to_timestamp(c::double precision / 1000), "
+                     "os, dc, dt FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], "
+                     "$6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[]) "
+                     "AS x(k, o, u, a, ps, c, os, dc, dt) "
+                     "ON CONFLICT (task, period, transaction_key) DO NOTHING",
+                     COLS + 1, params, NULL);
+    if (rc == 0)
+        rc = tx_commit(&ss);
+out:
+    for (int k = 0; k < COLS; k++) {
+        free(col[k]);
+        free(lit[k]);
+    }
+    int_texts_free(&amounts);
+    int_texts_free(&created);
+    session_close(&ss);
+    return rc;
+}
+
+int store_stock_batch_work(struct store *s, const char *after_sku, unsigned limit,
+                           struct store_product *rows, size_t *n_rows,
+                           struct store_unapplied_item **items, size_t *n_items, char *err,
+                           size_t err_len)
+{
+    char lim[16], max_items[16];
+    struct store_unapplied_item *list = NULL;
+    struct session ss = {0};
+    PGresult *res = NULL;
+    const char **skus = NULL;
+    char *skus_lit = NULL;
+    int nr = 0, ni = 0, rc;
+
+    err_clear(err, err_len);
+    if (s == NULL || after_sku == NULL || limit == 0 || rows == NULL || n_rows == NULL ||
+        items == NULL || n_items == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    *n_rows = 0;
+    *items = NULL;
+    *n_items = 0;
+    snprintf(lim, sizeof(lim), "%u", limit);
+    snprintf(max_items, sizeof(max_items), "%d", STORE_UNAPPLIED_MAX + 1);
+    const char *p1[2] = {after_sku, lim};
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    /* One snapshot for both reads: on hand and the unapplied sales are then consistent. */
+    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    if (rc != 0)
+        goto out;
+    /* The next batch of products in sku order (keyset pagination). */
+    rc = exec_params(&ss,
+                     "SELECT sku, stock FROM products WHERE sku > $1::text ORDER BY sku "
+                     "LIMIT $2::integer",
+                     2, p1, &res);
+    if (rc != 0)
+        goto out;
+    nr = PQntuples(res);
+    if ((unsigned)nr > limit) {
+        rc = SETTLE_EINTERNAL;
+        goto out;
+    }
+    skus = calloc((size_t)nr + 1, sizeof(*skus));
+    if (skus == NULL) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    for (int i = 0; i < nr; i++) {
+        rc = copy_id(&ss, rows[i].sku, sizeof(rows[i].sku), PQgetvalue(res, i, 0), "products.sku");
+        if (rc == 0)
+            rc = column_int(&ss, res, i, 1, "products.stock", &rows[i].on_hand);
+        if (rc != 0)
+            goto out;
+        skus[i] = rows[i].sku;
+    }
+    PQclear(res);
+    res = NULL;
+    if (nr > 0) {
+        skus_lit = array_literal(skus, (size_t)nr);
+        if (skus_lit == NULL) {
+            rc = SETTLE_ENOMEM;
+            goto out;
+        }
+        const char *p2[2] = {skus_lit, max_items};
+        /* Items of orders whose sale PostgreSQL has not applied yet (PENDING, or held for a
+         * person in MANUAL_REVIEW) that hold these SKUs: their Redis reservation may
+         * already be committed, with the units gone from Redis but still on hand here. */
+        rc = exec_params(&ss,
+                         "SELECT i.order_id, i.sku, i.qty FROM order_items i "
+                         "JOIN orders o ON o.id = i.order_id "
+                         "WHERE o.status IN ('PENDING', 'MANUAL_REVIEW') "
+                         "AND i.sku = ANY ($1::text[]) ORDER BY i.order_id, i.sku "
+                         "LIMIT $2::integer",
+                         2, p2, &res);
+        if (rc != 0)
+            goto out;
+        ni = PQntuples(res);
+        if (ni > STORE_UNAPPLIED_MAX) {
+            err_set(err, err_len, "postgresql: ",
+                    "more open orders hold these SKUs than the stock sync reads per batch");
+            rc = SETTLE_ETOOBIG;
+            goto out;
+        }
+        if (ni > 0) {
+            list = calloc((size_t)ni, sizeof(*list));
+            if (list == NULL) {
+                rc = SETTLE_ENOMEM;
+                goto out;
+            }
+        }
+        for (int i = 0; i < ni; i++) {
+            int64_t qty;
+            rc = copy_id(&ss, list[i].order_id, sizeof(list[i].order_id), PQgetvalue(res, i, 0),
+                         "order_items.order_id");
+            if (rc == 0)
+                rc = copy_id(&ss, list[i].sku, sizeof(list[i].sku), PQgetvalue(res, i, 1),
+                             "order_items.sku");
+            if (rc == 0)
+                rc = column_int(&ss, res, i, 2, "order_items.qty", &qty);
+            if (rc != 0)
+                goto out;
+            list[i].qty = qty > 0 && qty <= INT32_MAX ? (int32_t)qty : 0;
+        }
+    }
+    rc = tx_commit(&ss);
+    if (rc != 0)
+        goto out;
+    *n_rows = (size_t)nr;
+    *items = list;
+    *n_items = (size_t)ni;
+    list = NULL;
+out:
+    free(list);
+    free(skus);
+    free(skus_lit);
+    PQclear(res);
+    session_close(&ss);
+    return rc;
+}
+
+int store_stock_mismatches_work(struct store *s, const char *period,
+                                const struct store_stock_mismatch *m, size_t n, char *err,
+                                size_t err_len)
+{
+    enum { COLS = 7 };
+    struct session ss = {0};
+    struct int_texts on_hand = {0}, reserved = {0}, unapplied = {0}, before = {0}, after = {0};
+    const char **col[COLS] = {0};
+    char *lit[COLS] = {0};
+    int rc = 0;
+
+    err_clear(err, err_len);
+    if (s == NULL || period == NULL || (n > 0 && m == NULL)) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    if (n == 0)
+        goto out;
+    if (int_texts_make(&on_hand, n, &m[0].pg_on_hand, sizeof(m[0]), false) != 0 ||
+        int_texts_make(&reserved, n, &m[0].reserved, sizeof(m[0]), false) != 0 ||
+        int_texts_make(&unapplied, n, &m[0].unapplied, sizeof(m[0]), false) != 0 ||
+        int_texts_make(&before, n, &m[0].redis_before, sizeof(m[0]), true) != 0 ||
+        int_texts_make(&after, n, &m[0].redis_after, sizeof(m[0]), false) != 0) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    for (int k = 0; k < COLS; k++) {
+        col[k] = calloc(n, sizeof(*col[k]));
+        if (col[k] == NULL) {
+            rc = SETTLE_ENOMEM;
+            goto out;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        col[0][i] = m[i].sku;
+        col[1][i] = on_hand.ptr[i];
+        col[2][i] = reserved.ptr[i];
+        col[3][i] = unapplied.ptr[i];
+        col[4][i] = before.ptr[i];
+        col[5][i] = after.ptr[i];
+        col[6][i] = m[i].repaired ? "true" : "false";
+    }
+    for (int k = 0; k < COLS; k++) {
+        lit[k] = array_literal(col[k], n);
+        if (lit[k] == NULL) {
+            rc = SETTLE_ENOMEM;
+            goto out;
+        }
+    }
+    const char *params[COLS + 1] = {period, lit[0], lit[1], lit[2], lit[3], lit[4], lit[5], lit[6]};
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* One row per mismatched SKU from parallel arrays; a repeated run keeps its first. */
+    rc = exec_params(&ss,
+                     "INSERT INTO stock_mismatches (period, sku, pg_on_hand, reserved, unapplied, "
+                     "redis_before, redis_after, repaired) "
+                     "SELECT $1::text, * FROM unnest($2::text[], $3::bigint[], $4::bigint[], "
+                     "$5::bigint[], $6::bigint[], $7::bigint[], $8::boolean[]) "
+                     "ON CONFLICT (period, sku) DO NOTHING",
+                     COLS + 1, params, NULL);
+    if (rc == 0)
+        rc = tx_commit(&ss);
+out:
+    for (int k = 0; k < COLS; k++) {
+        free(col[k]);
+        free(lit[k]);
+    }
+    int_texts_free(&on_hand);
+    int_texts_free(&reserved);
+    int_texts_free(&unapplied);
+    int_texts_free(&before);
+    int_texts_free(&after);
+    session_close(&ss);
+    return rc;
+}
+
+/* The statistics of one UTC day, computed in one statement. $1 the date, $2 the run. */
+#define DAILY_STATS_SELECT                                                                         \
+    "WITH d AS (SELECT ($1::date)::timestamp AT TIME ZONE 'UTC' AS lo, "                           \
+    "($1::date + 1)::timestamp AT TIME ZONE 'UTC' AS hi), "                                        \
+    "c AS (SELECT count(*) AS created, "                                                           \
+    "count(*) FILTER (WHERE o.status = 'REFUNDED') AS cancelled, "                                 \
+    "count(*) FILTER (WHERE o.status = 'EXPIRED') AS expired, "                                    \
+    "count(*) FILTER (WHERE o.status = 'FAILED') AS failed "                                       \
+    "FROM orders o, d WHERE o.created_at >= d.lo AND o.created_at < d.hi), "                       \
+    "k AS (SELECT count(*) AS completed, coalesce(sum(o.amount_minor), 0) AS revenue "             \
+    "FROM orders o, d WHERE o.completed_at >= d.lo AND o.completed_at < d.hi), "                   \
+    "r AS (SELECT count(*) AS n, coalesce(sum(r.amount_minor), 0) AS amount "                      \
+    "FROM refunds r, d WHERE r.state = 'SUCCEEDED' AND r.updated_at >= d.lo "                      \
+    "AND r.updated_at < d.hi) "                                                                    \
+    "INSERT INTO daily_stats AS s (date, orders_created, orders_completed, revenue_minor, "        \
+    "avg_order_minor, orders_cancelled, orders_expired, orders_failed, refunds_count, "            \
+    "refunded_minor, computed_by) "                                                                \
+    "SELECT $1::date, c.created, k.completed, k.revenue, "                                         \
+    "CASE WHEN k.completed > 0 THEN round(k.revenue::numeric / k.completed)::bigint ELSE 0 END, "  \
+    "c.cancelled, c.expired, c.failed, r.n, r.amount, $2::text FROM c, k, r "
+
+int store_daily_stats_work(struct store *s, const char *date, bool force, bool dry_run,
+                           const char *computed_by, struct store_daily_stats *out, bool *written,
+                           char *err, size_t err_len)
+{
+    const char *params[2] = {date, computed_by};
+    struct session ss = {0};
+    PGresult *res = NULL;
+    int rc;
+
+    err_clear(err, err_len);
+    if (written != NULL)
+        *written = false;
+    if (s == NULL || date == NULL || computed_by == NULL || out == NULL || written == NULL) {
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    memset(out, 0, sizeof(*out));
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* Is the date a finished UTC day? A day still running would be written once, early, and
+     * never corrected. (A malformed date is refused by the cast.) */
+    rc = exec_params(&ss, "SELECT $1::date < (now() AT TIME ZONE 'UTC')::date", 1, params, &res);
+    if (rc != 0)
+        goto out;
+    if (strcmp(PQgetvalue(res, 0, 0), "t") != 0) {
+        err_set(err, err_len, "daily stats: ", "the date must be a finished UTC day");
+        rc = SETTLE_EINVAL;
+        goto out;
+    }
+    PQclear(res);
+    res = NULL;
+    if (force) {
+        /* Recomputes the day and overwrites its row. */
+        rc = exec_params(&ss,
+                         DAILY_STATS_SELECT
+                         "ON CONFLICT (date) DO UPDATE SET orders_created = "
+                         "EXCLUDED.orders_created, orders_completed = EXCLUDED.orders_completed, "
+                         "revenue_minor = EXCLUDED.revenue_minor, avg_order_minor = "
+                         "EXCLUDED.avg_order_minor, orders_cancelled = EXCLUDED.orders_cancelled, "
+                         "orders_expired = EXCLUDED.orders_expired, orders_failed = "
+                         "EXCLUDED.orders_failed, refunds_count = EXCLUDED.refunds_count, "
+                         "refunded_minor = EXCLUDED.refunded_minor, computed_at = now(), "
+                         "computed_by = EXCLUDED.computed_by RETURNING 1",
+                         2, params, &res);
+    } else {
+        /* Writes the day once; a row already there wins. */
+        rc = exec_params(&ss, DAILY_STATS_SELECT "ON CONFLICT (date) DO NOTHING RETURNING 1", 2,
+                         params, &res);
+    }
+    if (rc != 0)
+        goto out;
+    *written = PQntuples(res) > 0;
+    PQclear(res);
+    res = NULL;
+    /* The row as stored now, for the run's summary. */
+    rc = exec_params(&ss,
+                     "SELECT to_char(date, 'YYYY-MM-DD'), orders_created, orders_completed, "
+                     "revenue_minor, avg_order_minor, orders_cancelled, orders_expired, "
+                     "orders_failed, refunds_count, refunded_minor, computed_by "
+                     "FROM daily_stats WHERE date = $1::date",
+                     1, params, &res);
+    if (rc != 0)
+        goto out;
+    if (PQntuples(res) == 0) {
+        err_set(err, err_len, "postgresql: ", "the daily_stats row vanished");
+        rc = SETTLE_EINTERNAL;
+        goto out;
+    }
+    copy_text(out->date, sizeof(out->date), PQgetvalue(res, 0, 0));
+    int64_t *fields[9] = {&out->orders_created,  &out->orders_completed, &out->revenue_minor,
+                          &out->avg_order_minor, &out->orders_cancelled, &out->orders_expired,
+                          &out->orders_failed,   &out->refunds_count,    &out->refunded_minor};
+    for (int k = 0; k < 9 && rc == 0; k++)
+        rc = column_int(&ss, res, 0, k + 1, "daily_stats", fields[k]);
+    if (rc != 0)
+        goto out;
+    copy_text(out->computed_by, sizeof(out->computed_by), PQgetvalue(res, 0, 10));
+    /* A dry run leaves the transaction open: session_close rolls it back. */
+    if (!dry_run)
+        rc = tx_commit(&ss);
+    if (rc != 0)
+        *written = false;
+out:
+    PQclear(res);
+    session_close(&ss);
+    return rc;
+}

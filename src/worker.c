@@ -31,11 +31,20 @@
  * Every effect is idempotent (Lua state machines, conditional SQL, ON CONFLICT job_log, the
  * PG's Idempotency-Key), so a job redelivered after a crash at any point converges to the
  * same end state.
+ *
+ * Scheduled work (tasks.h) shares the process: a timer (every second plus jitter) queues one
+ * short pool work that checks which task is due and claims it in PostgreSQL, then, when it
+ * claimed one, one pool work that runs it. The scheduler's own state machine:
+ *   IDLE -> CHECKING (pool: due check + claim) -> [RUNNING (pool: the task)] -> IDLE
+ * so at most one pool thread ever serves tasks (cli.c sizes the pool for it). What the task
+ * wants counted (stock mismatches, its PG calls) is added to the metrics here, on the loop,
+ * after it returned. Shutdown sets the task's cancel flag: it stops at its next step.
  */
 #include "settle/worker.h"
 
 #include <inttypes.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +68,7 @@
 #include "settle/retry.h"
 #include "settle/stock.h"
 #include "settle/store.h"
+#include "settle/tasks.h"
 
 enum job_state {
     JOB_CLAIMED = 0,
@@ -219,6 +229,12 @@ struct gauge_ctx {
     const char *queue;
 };
 
+enum sched_state {
+    SCHED_IDLE = 0,
+    SCHED_CHECKING, /* pool: which task is due, and its claim */
+    SCHED_RUNNING,  /* pool: the claimed task */
+};
+
 struct worker {
     const struct config *cfg;
     uv_loop_t *loop;
@@ -247,6 +263,16 @@ struct worker {
     bool ping_busy;
     int ping_status;
     bool postgres_up;
+
+    /* Scheduled work (see the top of this file). */
+    uv_timer_t sched;
+    uv_work_t sched_work;
+    enum sched_state sched_state;
+    int sched_status;
+    struct tasks_env tenv;
+    struct tasks_run trun;
+    struct tasks_outcome tout;
+    atomic_int task_cancel; /* read by the task on its pool thread */
 
     uv_signal_t sigterm, sigint;
     uv_timer_t heartbeat, reaper, grace, run_limit;
@@ -844,34 +870,8 @@ static void breaker_note(struct worker *w, enum breaker_class cls, enum breaker_
 /* Counts one PG call by its result class, for the dashboards. */
 static void gateway_observe(struct worker *w, const char *endpoint, const struct gateway_result *g)
 {
-    const char *cls;
-    switch (g->outcome) {
-    case GATEWAY_OK:
-        cls = "2xx";
-        break;
-    case GATEWAY_NOT_FOUND:
-        cls = "404";
-        break;
-    case GATEWAY_REJECTED:
-        cls = "4xx";
-        break;
-    case GATEWAY_BAD_RESPONSE:
-        cls = "bad_response";
-        break;
-    case GATEWAY_TRANSIENT:
-        if (g->http_status == 429)
-            cls = "429";
-        else if (g->http_status >= 500)
-            cls = "5xx";
-        else if (strncmp(g->error, "timed out", 9) == 0)
-            cls = "timeout";
-        else
-            cls = "transport";
-        break;
-    default:
-        abort();
-    }
-    metrics_gateway_request(w->metrics, endpoint, cls, (double)g->latency_us / 1e6);
+    metrics_gateway_request(w->metrics, endpoint, gateway_result_class(g),
+                            (double)g->latency_us / 1e6);
 }
 
 static void query_work(uv_work_t *req)
@@ -1678,6 +1678,105 @@ static void on_reaper(uv_timer_t *t)
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Scheduled work: the scheduler's IDLE -> CHECKING -> RUNNING -> IDLE cycle.
+ */
+static void on_sched(uv_timer_t *t);
+
+static const char *const sched_state_names[] = {"idle", "checking", "running"};
+
+/* The one transition function of the scheduler: IDLE -> CHECKING -> (RUNNING | IDLE),
+ * RUNNING -> IDLE. Anything else is a bug. */
+static void sched_set_state(struct worker *w, enum sched_state to)
+{
+    static const bool allowed[3][3] = {
+        [SCHED_IDLE] = {[SCHED_CHECKING] = 1},
+        [SCHED_CHECKING] = {[SCHED_IDLE] = 1, [SCHED_RUNNING] = 1},
+        [SCHED_RUNNING] = {[SCHED_IDLE] = 1},
+    };
+    enum sched_state from = w->sched_state;
+    if ((unsigned)from > SCHED_RUNNING || (unsigned)to > SCHED_RUNNING || !allowed[from][to]) {
+        fprintf(stderr, "%s:%d: illegal scheduler transition %d -> %d\n", __FILE__, __LINE__,
+                (int)from, (int)to);
+        abort();
+    }
+    w->sched_state = to;
+    log_write(LOG_LEVEL_DEBUG, NULL, NULL, "scheduler %s -> %s", sched_state_names[from],
+              sched_state_names[to]);
+}
+
+/* Looks again in a second, plus jitter so that workers started together do not all query
+ * PostgreSQL in the same millisecond (the claim is safe either way; this only spreads load). */
+static void sched_arm(struct worker *w)
+{
+    if (!w->cfg->scheduler || w->draining || w->closing)
+        return;
+    uint64_t jitter = retry_rand_next(&w->rand_state) % 250;
+    uv_timer_start(&w->sched, on_sched, 1000 + jitter, 0);
+}
+
+static void sched_run_work(uv_work_t *req)
+{
+    struct worker *w = req->data;
+    tasks_execute_work(&w->tenv, &w->trun, &w->tout);
+}
+
+static void after_sched_run(uv_work_t *req, int status)
+{
+    struct worker *w = req->data;
+    sched_set_state(w, SCHED_IDLE);
+    if (status == 0) {
+        /* The registry takes its mutex; counting here, after the task returned, keeps the
+         * pool thread away from everything the loop owns. */
+        if (w->tout.stock_mismatches > 0)
+            metrics_stock_mismatches(w->metrics, w->tout.stock_mismatches);
+        for (size_t i = 0; i < w->tout.n_gw; i++)
+            metrics_gateway_request(w->metrics, w->tout.gw[i].endpoint, w->tout.gw[i].cls,
+                                    w->tout.gw[i].seconds);
+    }
+    tasks_outcome_free(&w->tout);
+    sched_arm(w);
+}
+
+static void sched_check_work(uv_work_t *req)
+{
+    struct worker *w = req->data;
+    w->sched_status = tasks_check_work(&w->tenv, &w->trun);
+}
+
+static void after_sched_check(uv_work_t *req, int status)
+{
+    struct worker *w = req->data;
+    if (status == 0 && w->sched_status == 0) {
+        /* Claimed: run it even while draining. The cancel flag makes it stop at once and
+         * record the run as interrupted, instead of leaving a "running" row to go stale. */
+        sched_set_state(w, SCHED_RUNNING);
+        w->sched_work.data = w;
+        if (uv_queue_work(w->loop, &w->sched_work, sched_run_work, after_sched_run) == 0)
+            return;
+    }
+    sched_set_state(w, SCHED_IDLE);
+    sched_arm(w);
+}
+
+static void on_sched(uv_timer_t *t)
+{
+    struct worker *w = t->data;
+    if (w->sched_state != SCHED_IDLE || w->draining || w->closing)
+        return;
+    if (!w->postgres_up) {
+        /* The arbiter is PostgreSQL: without it there is nothing to check. */
+        sched_arm(w);
+        return;
+    }
+    sched_set_state(w, SCHED_CHECKING);
+    w->sched_work.data = w;
+    if (uv_queue_work(w->loop, &w->sched_work, sched_check_work, after_sched_check) != 0) {
+        sched_set_state(w, SCHED_IDLE);
+        sched_arm(w);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Gauges and health: queue depths from Redis, PostgreSQL reachability, readiness.
  */
 static void publish_health(struct worker *w)
@@ -1798,6 +1897,7 @@ static void worker_close(struct worker *w)
               w->counters.handed_back);
     uv_timer_stop(&w->heartbeat);
     close_handle(w, (uv_handle_t *)&w->heartbeat);
+    close_handle(w, (uv_handle_t *)&w->sched);
     close_handle(w, (uv_handle_t *)&w->gauges);
     close_handle(w, (uv_handle_t *)&w->reaper);
     close_handle(w, (uv_handle_t *)&w->grace);
@@ -1862,6 +1962,9 @@ static void worker_drain(struct worker *w, const char *why)
     publish_health(w);
     log_write(LOG_LEVEL_INFO, NULL, NULL, "%s: draining %u job(s) in flight (grace %" PRIu64 " ms)",
               why, w->in_flight, w->cfg->shutdown_grace_ms);
+    /* A task in progress stops at its next step and records what it did. */
+    atomic_store(&w->task_cancel, 1);
+    uv_timer_stop(&w->sched);
     for (unsigned i = 0; i < w->n_queues; i++)
         uv_timer_stop(&w->queues[i].wake_timer);
     uv_timer_stop(&w->run_limit);
@@ -1938,11 +2041,14 @@ int worker_run(const struct config *cfg)
         log_error("SETTLE_REDIS_URL does not parse");
         goto out_free;
     }
-    struct gateway_config gcfg = {.base_url = cfg->gateway_url,
-                                  .connect_timeout_ms = cfg->gateway_connect_timeout_ms,
-                                  .timeout_ms = cfg->gateway_timeout_ms,
-                                  .body_max_bytes = cfg->gateway_body_max_bytes,
-                                  .max_handles = cfg->concurrency};
+    struct gateway_config gcfg = {
+        .base_url = cfg->gateway_url,
+        .connect_timeout_ms = cfg->gateway_connect_timeout_ms,
+        .timeout_ms = cfg->gateway_timeout_ms,
+        .body_max_bytes = cfg->gateway_body_max_bytes,
+        /* The orphan sweep's page fetchers and the task thread
+         * borrow handles too; they must not take the jobs'. */
+        .max_handles = cfg->concurrency + (cfg->scheduler ? cfg->orphan_concurrency + 1 : 0)};
     if (gateway_create(&w->gateway, &gcfg) != 0) {
         log_error("could not create the PG client");
         goto out_free;
@@ -2006,6 +2112,16 @@ int worker_run(const struct config *cfg)
     w->gauge_ctx[1] = (struct gauge_ctx){w, job_kind_name(JOB_KIND_REFUND)};
     uv_timer_start(&w->gauges, on_gauges, 0, 2000);
     uv_timer_init(w->loop, &w->reaper);
+    uv_timer_init(w->loop, &w->sched);
+    w->sched.data = w;
+    atomic_init(&w->task_cancel, 0);
+    w->tenv = (struct tasks_env){.cfg = cfg,
+                                 .store = w->store,
+                                 .gateway = w->gateway,
+                                 .redis = addr,
+                                 .worker_id = cfg->worker_id,
+                                 .cancel = &w->task_cancel,
+                                 .decisions = NULL};
     uv_timer_init(w->loop, &w->grace);
     uv_timer_init(w->loop, &w->run_limit);
     uv_signal_init(w->loop, &w->sigterm);
@@ -2017,12 +2133,15 @@ int worker_run(const struct config *cfg)
     uv_timer_start(&w->reaper, on_reaper, cfg->reaper_interval_ms, cfg->reaper_interval_ms);
     if (cfg->run_seconds > 0)
         uv_timer_start(&w->run_limit, on_run_limit, cfg->run_seconds * 1000, 0);
+    sched_arm(w);
     uv_signal_start(&w->sigterm, on_signal, SIGTERM);
     uv_signal_start(&w->sigint, on_signal, SIGINT);
 
     log_write(LOG_LEVEL_INFO, NULL, NULL,
-              "worker %s started: %u queue(s), concurrency %u, lease %" PRIu64 " ms",
-              cfg->worker_id, w->n_queues, cfg->concurrency, cfg->lease_ms);
+              "worker %s started: %u queue(s), concurrency %u, lease %" PRIu64
+              " ms, scheduled tasks %s",
+              cfg->worker_id, w->n_queues, cfg->concurrency, cfg->lease_ms,
+              cfg->scheduler ? "on" : "off");
     uv_run(w->loop, UV_RUN_DEFAULT);
     ret = 0;
 

@@ -12,6 +12,7 @@
 #ifndef SETTLE_CONFIG_H
 #define SETTLE_CONFIG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -71,6 +72,29 @@ struct config {
     /* PostgreSQL. */
     uint64_t db_statement_timeout_ms; /* default 5000 */
 
+    /* Scheduled work (tasks.h). Every bound of a run has a knob. */
+    bool scheduler;                 /* SETTLE_SCHEDULER on|off, default on */
+    uint64_t task_stale_ms;         /* default 600000: a running run without heartbeat is dead */
+    uint64_t task_retry_ms;         /* default 60000: a failed daily run is tried again after */
+    unsigned task_max_attempts;     /* default 5: tries of one daily period */
+    uint64_t sweep_interval_ms;     /* default 60000 */
+    uint64_t sweep_min_age_ms;      /* default 600000: PENDING orders older than this */
+    unsigned sweep_limit;           /* default 1000 orders per run */
+    uint64_t expiry_interval_ms;    /* default 600000 */
+    unsigned expiry_limit;          /* default 100 orders per run (seed 002) */
+    uint64_t orphan_interval_ms;    /* default 600000 */
+    uint64_t orphan_window_ms;      /* default 86400000: how far back the PG list is read */
+    uint64_t orphan_grace_ms;       /* default 1800000: younger payments are left alone */
+    unsigned orphan_page_size;      /* default 100 payments per page */
+    unsigned orphan_concurrency;    /* default 4 pages fetched at once */
+    unsigned orphan_lookup_batch;   /* default 500 order ids per lookup */
+    unsigned orphan_refund_cap;     /* default 50 refund jobs per run */
+    unsigned orphan_max_pages;      /* default 10000 pages per run */
+    unsigned stock_sync_at_min;     /* SETTLE_STOCK_SYNC_AT "HH:MM" UTC, default 02:00 */
+    unsigned stock_sync_batch;      /* default 1000 SKUs per batch */
+    unsigned stock_alert_threshold; /* default 10: more mismatched SKUs raise one alert */
+    unsigned daily_stats_at_min;    /* SETTLE_DAILY_STATS_AT "HH:MM" UTC, default 00:00 */
+
     /* Operations. */
     uint64_t dlq_alert_size;  /* SETTLE_DLQ_ALERT_SIZE, default 10000 */
     enum log_level log_level; /* SETTLE_LOG_LEVEL, default info */
@@ -110,6 +134,10 @@ struct config_redis_addr {
     int db;
 };
 int config_parse_redis_url(const char *url, struct config_redis_addr *out);
+
+/* Parses a UTC time of day "HH:MM" (00:00..23:59, two digits each) into minutes after
+ * midnight. Pure. 0 or SETTLE_EINVAL. */
+int config_parse_time_of_day(const char *s, unsigned *minutes);
 
 /* Prints the table of variables, flags and defaults (for `settle help config`). */
 void config_print_help(void);

@@ -5,6 +5,7 @@
  *   GET  /api/v1/payments/{transactionKey}            header X-USER-ID
  *   GET  /api/v1/payments?orderId=...                 header X-USER-ID
  *   POST /api/v1/payments/{transactionKey}/cancel      headers X-USER-ID, Idempotency-Key
+ *   GET  /api/v1/payments?from=&to=&page=&size=        the merchant's paged list (seed 004)
  * Answers are wrapped: {"meta":{"result":"SUCCESS"|"FAIL","errorCode":..,"message":..},
  * "data":{...}}. We branch on the HTTP status and meta.result, never on errorCode text.
  *
@@ -98,6 +99,58 @@ void gateway_cancel_work(struct gateway *g, const char *user_id, const char *tra
                          const char *idempotency_key, int64_t amount_minor, const char *reason,
                          struct gateway_result *out);
 
+/* --- The merchant's paged payment list (the PG orphan sweep, seed 004) --- */
+
+#define GATEWAY_PAGE_SIZE_MAX 1000
+
+/* One element of the list. */
+struct gateway_payment {
+    char transaction_key[JOB_ID_MAX + 1];
+    char order_id[JOB_ID_MAX + 1];
+    char user_id[JOB_ID_MAX + 1]; /* "" when the PG did not say */
+    enum gateway_tx_status status;
+    int64_t amount_minor;    /* > 0 */
+    int64_t created_ms;      /* epoch ms, -1 when absent */
+    int64_t cancelled_minor; /* -1 when absent */
+    int64_t balance_minor;   /* -1 when absent */
+};
+
+/* One page: data {page, size, totalPages, totalElements, payments: [...]}. */
+struct gateway_page {
+    int64_t page; /* 0-based */
+    int64_t size;
+    int64_t total_pages;
+    int64_t total_elements;
+    size_t n;
+    struct gateway_payment *items; /* malloc'd, n entries (NULL when n == 0) */
+};
+
+/* Frees p->items and zeroes *p. NULL and a zeroed page are fine. */
+void gateway_page_free(struct gateway_page *p);
+
+/*
+ * Pure: parses a 2xx body of the paged list into *out (items malloc'd: gateway_page_free).
+ * Every element is validated (transactionKey, orderId, status, amount required; ids 1..128
+ * bytes without control characters; userId, createdAt, cancelledAmount, balanceAmount
+ * optional); a page holds at most size <= GATEWAY_PAGE_SIZE_MAX elements. 0, SETTLE_EPARSE
+ * (why explains), SETTLE_EREJECTED (meta.result FAIL), SETTLE_ENOMEM. On error *out is
+ * zeroed.
+ */
+int gateway_parse_payment_page(const char *body, size_t len, struct gateway_page *out, char *why,
+                               size_t why_len);
+
+/*
+ * Pool thread (or any thread but the loop's: it blocks). GET
+ * /api/v1/payments?from=from_ms&to=to_ms&page=page&size=size (created in [from, to), oldest
+ * first), without X-USER-ID: the merchant's view. Always fills *res; on GATEWAY_OK *out
+ * holds the page (caller frees with gateway_page_free), else *out is zeroed. An answer for
+ * another page than asked is GATEWAY_BAD_RESPONSE. Safe to call from several threads at once
+ * (each borrows its own easy handle).
+ */
+void gateway_list_payments_work(struct gateway *g, int64_t from_ms, int64_t to_ms, int64_t page,
+                                unsigned size, struct gateway_page *out,
+                                struct gateway_result *res);
+
 /* Pure: parses a 2xx body of GET /payments/{key} (or a cancel answer) into *tx. 0 or
  * SETTLE_EPARSE (why explains) or SETTLE_EREJECTED (meta.result FAIL; why has the message). */
 int gateway_parse_transaction(const char *body, size_t len, struct gateway_tx *tx, char *why,
@@ -113,6 +166,9 @@ int gateway_parse_order_transactions(const char *body, size_t len, struct gatewa
 enum gateway_outcome gateway_classify(bool transport_ok, long http_status);
 
 const char *gateway_outcome_name(enum gateway_outcome o);
+/* Pure: the metrics class of a finished call: "2xx", "404", "4xx", "429", "5xx", "timeout",
+ * "transport" or "bad_response" (settle_gateway_requests_total's class label). */
+const char *gateway_result_class(const struct gateway_result *r);
 const char *gateway_tx_status_name(enum gateway_tx_status s);
 
 #endif

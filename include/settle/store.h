@@ -198,4 +198,224 @@ int store_refund_succeed_work(struct store *s, const struct store_refund_success
 int store_list_products(struct store *s, struct store_product **out, size_t *n, char *err,
                         size_t err_len);
 
+/* --- Scheduled work (ops/sql/003_tasks.sql; scheduling policy in tasks.h) ---
+ * Times cross this interface as epoch milliseconds of PostgreSQL's clock, the one clock every
+ * worker shares. */
+
+#define STORE_PERIOD_MAX 200
+
+/* One task_runs row. */
+struct store_task_row {
+    bool found;
+    char period[STORE_PERIOD_MAX + 1];
+    int64_t seq;                   /* interval runs; 0 otherwise */
+    char status[STORE_STATUS_MAX]; /* "running" | "done" | "failed" */
+    int64_t started_ms;
+    int64_t heartbeat_ms;
+    int64_t finished_ms; /* -1 while running */
+    unsigned attempts;
+    char worker[JOB_ID_MAX + 1];
+};
+
+/* Fills period (STORE_PERIOD_MAX + 1 bytes) of task i for PostgreSQL's now: "" asks for the
+ * task's latest interval run. Returns 0, or an error that ends the read. */
+typedef int (*store_period_fn)(void *arg, int64_t now_ms, size_t i, char *period);
+
+/*
+ * The scheduler's due check in one short read-only transaction: reads PostgreSQL's now()
+ * into *now_ms, asks period_of for each of the n tasks, then reads in two statements each
+ * task's row: its latest interval run (highest seq) for "", else the row of that period.
+ * rows[i].found is false when there is none. n is 1..16.
+ */
+int store_task_states_work(struct store *s, size_t n, const char *const *tasks,
+                           store_period_fn period_of, void *arg, struct store_task_row *rows,
+                           int64_t *now_ms, char *err, size_t err_len);
+
+enum store_claim_kind {
+    STORE_CLAIM_INTERVAL = 0, /* insert run seq (period = its decimal text) */
+    STORE_CLAIM_DAILY = 1,    /* insert the date, or retry a failed / dead attempt of it */
+    STORE_CLAIM_MANUAL = 2,   /* insert a `settle run` period */
+};
+
+struct store_task_claim {
+    enum store_claim_kind kind;
+    const char *task;
+    const char *period;
+    int64_t seq;              /* INTERVAL: > 0 */
+    const char *stale_period; /* INTERVAL: a dead running run to mark failed first, or NULL */
+    uint64_t stale_ms;        /* INTERVAL, DAILY: a running row without heartbeat this long */
+    uint64_t retry_ms;        /* DAILY: a failed attempt is retried this long after it ended */
+    unsigned max_attempts;    /* DAILY */
+    const char *worker;
+    bool dry_run;
+};
+
+/*
+ * Claims one run. Exactly one caller ever gets *claimed for a (task, period): the insert is
+ * ON CONFLICT DO NOTHING (DAILY: DO UPDATE only while the existing attempt failed at least
+ * retry_ms ago or stopped beating stale_ms ago, and fewer than max_attempts were made).
+ * INTERVAL with stale_period first marks that run failed ("worker died"), conditional on it
+ * still running without heartbeat; when that condition no longer holds nothing is claimed.
+ * *took_over (may be NULL) says a dead run was replaced.
+ */
+int store_task_claim_work(struct store *s, const struct store_task_claim *c, bool *claimed,
+                          bool *took_over, char *err, size_t err_len);
+
+/* Refreshes a running run's heartbeat_at. *ours is false when the row is no longer this
+ * worker's running run (another worker took it over): the caller must stop. */
+int store_task_heartbeat_work(struct store *s, const char *task, const char *period,
+                              const char *worker, bool *ours, char *err, size_t err_len);
+
+/* Ends this worker's running run: status "done" or "failed", summary (JSON text or NULL)
+ * and error (NULL when done). *recorded is false when the row was no longer ours. */
+int store_task_finish_work(struct store *s, const char *task, const char *period,
+                           const char *worker, const char *status, const char *summary_json,
+                           const char *error, bool *recorded, char *err, size_t err_len);
+
+/* A PENDING order as the sweeps see it. */
+struct store_pending_order {
+    char id[JOB_ID_MAX + 1];
+    char user_id[JOB_ID_MAX + 1];
+    char transaction_key[JOB_ID_MAX + 1]; /* payments.transaction_key, "" when unknown */
+    uint64_t age_ms;
+};
+
+enum store_key_filter {
+    STORE_KEY_ANY = 0,
+    STORE_KEY_WITH = 1,    /* a payments row with a transaction key */
+    STORE_KEY_WITHOUT = 2, /* no payments row, or one without a key */
+};
+
+struct store_pending_query {
+    uint64_t min_age_ms; /* created more than this long ago */
+    enum store_key_filter key;
+    /* Only orders nobody is re-checking: next_check_at NULL or further in the past than
+     * recheck_grace_ms (a job that re-checks an order moves its next_check_at ahead). */
+    bool unwatched_only;
+    uint64_t recheck_grace_ms;
+    unsigned limit; /* oldest first */
+};
+
+/* PENDING orders matching q into a malloc'd array (*out, caller frees; *n entries). */
+int store_pending_orders_work(struct store *s, const struct store_pending_query *q,
+                              struct store_pending_order **out, size_t *n, char *err,
+                              size_t err_len);
+
+/* PENDING -> EXPIRED (failure_reason reason) when the order is still PENDING and no
+ * transaction key is recorded for it. *expired says whether it happened; status_after
+ * (STORE_STATUS_MAX bytes) gets the order's status after the transaction. */
+int store_expire_order_work(struct store *s, const char *order_id, const char *reason,
+                            bool *expired, char *status_after, char *err, size_t err_len);
+
+/* An order the PG orphan sweep found, with its payment and refund state. */
+struct store_order_match {
+    char id[JOB_ID_MAX + 1];
+    char user_id[JOB_ID_MAX + 1];
+    char status[STORE_STATUS_MAX];
+    int64_t amount_minor;
+    char payment_key[JOB_ID_MAX + 1];      /* payments.transaction_key, "" when none */
+    char payment_status[STORE_STATUS_MAX]; /* "" when no payments row */
+    bool refund_open;                      /* a refunds row of the order that is not FAILED */
+};
+
+/* Looks up n (1..10000) order ids with one `WHERE id = ANY($1)`; writes the orders found
+ * into out (room for n) and their count into *found, in no particular order. */
+int store_orders_lookup_work(struct store *s, const char *const *ids, size_t n,
+                             struct store_order_match *out, size_t *found, char *err,
+                             size_t err_len);
+
+/*
+ * For an order that ended FAILED or EXPIRED although the PG captured transaction_key for the
+ * order's full amount: records that payment as SUCCESS (inserts the payments row, or moves a
+ * PENDING/FAILED row of the same or no key), so the refund pipeline, which refunds only a
+ * SUCCESS payment under its row lock, can refund it. *ready is true when the order's
+ * payments row is now this key in SUCCESS or PARTIALLY_REFUNDED; otherwise detail says why
+ * (e.g. the order has another payment). Idempotent.
+ */
+int store_orphan_payment_work(struct store *s, const char *order_id, const char *transaction_key,
+                              int64_t amount_minor, bool *ready, char *detail, size_t detail_len,
+                              char *err, size_t err_len);
+
+/* One orphan sweep decision (see orphan_decisions in 003_tasks.sql). */
+struct store_orphan_decision {
+    const char *transaction_key;
+    const char *order_id;
+    const char *user_id; /* NULL allowed */
+    int64_t amount_minor;
+    const char *pg_status;
+    int64_t pg_created_ms;    /* -1 when unknown */
+    const char *order_status; /* NULL: no such order */
+    const char *decision;
+    const char *detail; /* NULL allowed */
+};
+
+/* Inserts n decisions of run `period` in one statement (ON CONFLICT DO NOTHING). */
+int store_orphan_decisions_work(struct store *s, const char *period,
+                                const struct store_orphan_decision *d, size_t n, char *err,
+                                size_t err_len);
+
+/* An item of an order whose sale may be committed in Redis but not yet applied to
+ * products.stock (the order is PENDING or MANUAL_REVIEW in PostgreSQL). */
+struct store_unapplied_item {
+    char order_id[JOB_ID_MAX + 1];
+    char sku[STORE_SKU_MAX + 1];
+    int32_t qty;
+};
+
+#define STORE_UNAPPLIED_MAX 100000
+
+/*
+ * One batch of the stock sync, from one snapshot (REPEATABLE READ): up to limit products
+ * with sku > after_sku (after_sku "" = from the start), in sku order, into rows (room for
+ * limit), and the items of PENDING / MANUAL_REVIEW orders that hold those SKUs into a
+ * malloc'd array (*items, caller frees). SETTLE_ETOOBIG when there are more than
+ * STORE_UNAPPLIED_MAX such items.
+ */
+int store_stock_batch_work(struct store *s, const char *after_sku, unsigned limit,
+                           struct store_product *rows, size_t *n_rows,
+                           struct store_unapplied_item **items, size_t *n_items, char *err,
+                           size_t err_len);
+
+/* One stock sync finding (see stock_mismatches in 003_tasks.sql). */
+struct store_stock_mismatch {
+    const char *sku;
+    int64_t pg_on_hand;
+    int64_t reserved;
+    int64_t unapplied;
+    int64_t redis_before; /* -1: the key was missing */
+    int64_t redis_after;
+    bool repaired;
+};
+
+/* Inserts n findings of run `period` in one statement (ON CONFLICT DO NOTHING). */
+int store_stock_mismatches_work(struct store *s, const char *period,
+                                const struct store_stock_mismatch *m, size_t n, char *err,
+                                size_t err_len);
+
+/* A daily_stats row. */
+struct store_daily_stats {
+    char date[11]; /* YYYY-MM-DD */
+    int64_t orders_created;
+    int64_t orders_completed;
+    int64_t revenue_minor;
+    int64_t avg_order_minor;
+    int64_t orders_cancelled;
+    int64_t orders_expired;
+    int64_t orders_failed;
+    int64_t refunds_count;
+    int64_t refunded_minor;
+    char computed_by[STORE_PERIOD_MAX + 1];
+};
+
+/*
+ * Computes the statistics of UTC day `date` (YYYY-MM-DD, before today by PostgreSQL's clock,
+ * else SETTLE_EINVAL) and writes them once: INSERT ... ON CONFLICT (date) DO NOTHING, or
+ * with force DO UPDATE. *written says whether this call wrote the row; *out is the row as
+ * stored afterwards. computed_by names the run. With dry_run the transaction is rolled back:
+ * *written and *out say what would have been stored.
+ */
+int store_daily_stats_work(struct store *s, const char *date, bool force, bool dry_run,
+                           const char *computed_by, struct store_daily_stats *out, bool *written,
+                           char *err, size_t err_len);
+
 #endif

@@ -915,6 +915,10 @@ class Cluster:
             "SETTLE_PAYMENT_WINDOW_MS": "5000",
             "SETTLE_CHECK_SCHEDULE_MS": "200,400",
             "SETTLE_SHUTDOWN_GRACE_MS": "5000",
+            # The scheduled tasks (README "Scheduled work") act on every old PENDING order,
+            # and with the 5 s payment window above that is every test's orders; tests of
+            # other things keep them off, test_tasks.py turns them on.
+            "SETTLE_SCHEDULER": "off",
         })
         for key, value in overrides.items():
             name = key if key.startswith("SETTLE_") else "SETTLE_" + key.upper()

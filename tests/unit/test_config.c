@@ -116,6 +116,28 @@ static void check_defaults(const struct config *c)
     CHECK_EQ_U64(c->dlq_alert_size, 10000);
     CHECK_EQ_INT(c->log_level, LOG_LEVEL_INFO);
     CHECK_EQ_U64(c->run_seconds, 0);
+    /* Scheduled work. */
+    CHECK(c->scheduler);
+    CHECK_EQ_U64(c->task_stale_ms, 600000);
+    CHECK_EQ_U64(c->task_retry_ms, 60000);
+    CHECK_EQ_INT(c->task_max_attempts, 5);
+    CHECK_EQ_U64(c->sweep_interval_ms, 60000);
+    CHECK_EQ_U64(c->sweep_min_age_ms, 600000);
+    CHECK_EQ_INT(c->sweep_limit, 1000);
+    CHECK_EQ_U64(c->expiry_interval_ms, 600000);
+    CHECK_EQ_INT(c->expiry_limit, 100);
+    CHECK_EQ_U64(c->orphan_interval_ms, 600000);
+    CHECK_EQ_U64(c->orphan_window_ms, 86400000);
+    CHECK_EQ_U64(c->orphan_grace_ms, 1800000);
+    CHECK_EQ_INT(c->orphan_page_size, 100);
+    CHECK_EQ_INT(c->orphan_concurrency, 4);
+    CHECK_EQ_INT(c->orphan_lookup_batch, 500);
+    CHECK_EQ_INT(c->orphan_refund_cap, 50);
+    CHECK_EQ_INT(c->orphan_max_pages, 10000);
+    CHECK_EQ_INT(c->stock_sync_at_min, 120);
+    CHECK_EQ_INT(c->stock_sync_batch, 1000);
+    CHECK_EQ_INT(c->stock_alert_threshold, 10);
+    CHECK_EQ_INT(c->daily_stats_at_min, 0);
 }
 
 static void test_defaults(void)
@@ -508,7 +530,7 @@ static void test_describe(void)
             json_integer_value(json_array_get(json_object_get(j, "SETTLE_CHECK_SCHEDULE_MS"), 1)),
             300000);
         CHECK(json_is_string(json_object_get(j, "SETTLE_WORKER_ID")));
-        CHECK_EQ_INT(json_object_size(j), 39); /* every variable */
+        CHECK_EQ_INT(json_object_size(j), 60); /* every variable */
     }
     json_decref(j);
     CHECK_EQ_INT(config_describe(&c, buf, 16), SETTLE_ETOOBIG);
@@ -631,6 +653,82 @@ static int count_nl(const char *s)
     return n;
 }
 
+/* SETTLE_SCHEDULER (on/off), the HH:MM times of day, and the scheduled-work checks. */
+static void test_scheduled_work(void)
+{
+    struct config c;
+    char err[512];
+    unsigned m = 999;
+
+    CHECK_EQ_INT(config_parse_time_of_day("00:00", &m), 0);
+    CHECK_EQ_INT(m, 0);
+    CHECK_EQ_INT(config_parse_time_of_day("02:00", &m), 0);
+    CHECK_EQ_INT(m, 120);
+    CHECK_EQ_INT(config_parse_time_of_day("23:59", &m), 0);
+    CHECK_EQ_INT(m, 23 * 60 + 59);
+    const char *bad[] = {"24:00", "2:00",  "02:0",   "02:60", "0200",  "02-00",
+                         "",      " 2:00", "02:00 ", "-1:00", "ab:cd", NULL};
+    for (int i = 0; bad[i] != NULL; i++)
+        CHECK_EQ_INT(config_parse_time_of_day(bad[i], &m), SETTLE_EINVAL);
+    CHECK_EQ_INT(config_parse_time_of_day(NULL, &m), SETTLE_EINVAL);
+
+    clear_env();
+    setenv("SETTLE_SCHEDULER", "off", 1);
+    setenv("SETTLE_STOCK_SYNC_AT", "03:30", 1);
+    CHECK_EQ_INT(load_env_only(&c, err, sizeof(err)), 0);
+    CHECK(!c.scheduler);
+    CHECK_EQ_INT(c.stock_sync_at_min, 210);
+    char desc[8192];
+    CHECK(config_describe(&c, desc, sizeof(desc)) > 0);
+    CHECK_CONTAINS(desc, "\"SETTLE_SCHEDULER\":\"off\"");
+    CHECK_CONTAINS(desc, "\"SETTLE_STOCK_SYNC_AT\":\"03:30\"");
+    CHECK_CONTAINS(desc, "\"SETTLE_DAILY_STATS_AT\":\"00:00\"");
+    config_free(&c);
+
+    const char *args_on[] = {"--scheduler", "yes", "--daily-stats-at=01:15", NULL};
+    clear_env();
+    CHECK_EQ_INT(load_args(&c, err, sizeof(err), args_on, NULL, NULL), 0);
+    CHECK(c.scheduler);
+    CHECK_EQ_INT(c.daily_stats_at_min, 75);
+    config_free(&c);
+
+    const char *args_bad_bool[] = {"--scheduler=maybe", NULL};
+    CHECK_EQ_INT(load_args(&c, err, sizeof(err), args_bad_bool, NULL, NULL), SETTLE_EINVAL);
+    CHECK_CONTAINS(err, "SETTLE_SCHEDULER");
+    const char *args_bad_time[] = {"--stock-sync-at", "25:00", NULL};
+    CHECK_EQ_INT(load_args(&c, err, sizeof(err), args_bad_time, NULL, NULL), SETTLE_EINVAL);
+    CHECK_CONTAINS(err, "SETTLE_STOCK_SYNC_AT");
+    CHECK_CONTAINS(err, "HH:MM");
+
+    /* The grace must leave something to look at. */
+    const char *args_grace[] = {"--orphan-grace-ms=86400000", NULL};
+    CHECK_EQ_INT(load_args(&c, err, sizeof(err), args_grace, NULL, NULL), SETTLE_EINVAL);
+    CHECK_CONTAINS(err, "SETTLE_ORPHAN_GRACE_MS");
+    /* A page must fit the answer cap. */
+    const char *args_page[] = {"--orphan-page-size=1000", NULL};
+    CHECK_EQ_INT(load_args(&c, err, sizeof(err), args_page, NULL, NULL), SETTLE_EINVAL);
+    CHECK_CONTAINS(err, "SETTLE_ORPHAN_PAGE_SIZE");
+    const char *args_page_ok[] = {"--orphan-page-size=1000", "--gateway-body-max-bytes=1048576",
+                                  NULL};
+    CHECK_EQ_INT(load_args(&c, err, sizeof(err), args_page_ok, NULL, NULL), 0);
+    config_free(&c);
+    /* A stale timeout shorter than two steps would take live runs over. */
+    const char *args_stale[] = {"--task-stale-ms=5000", NULL};
+    CHECK_EQ_INT(load_args(&c, err, sizeof(err), args_stale, NULL, NULL), SETTLE_EINVAL);
+    CHECK_CONTAINS(err, "SETTLE_TASK_STALE_MS");
+    const char *args_stale_ok[] = {"--task-stale-ms=5000", "--db-statement-timeout-ms=2000",
+                                   "--gateway-timeout-ms=2000", NULL};
+    CHECK_EQ_INT(load_args(&c, err, sizeof(err), args_stale_ok, NULL, NULL), 0);
+    config_free(&c);
+    const char *args_stale_off[] = {"--task-stale-ms=5000", "--scheduler=off", NULL};
+    CHECK_EQ_INT(load_args(&c, err, sizeof(err), args_stale_off, NULL, NULL), 0);
+    config_free(&c);
+    const char *args_range[] = {"--orphan-concurrency=0", NULL};
+    CHECK_EQ_INT(load_args(&c, err, sizeof(err), args_range, NULL, NULL), SETTLE_EINVAL);
+    CHECK_CONTAINS(err, "SETTLE_ORPHAN_CONCURRENCY");
+    clear_env();
+}
+
 static void test_help(void)
 {
     char path[] = "/tmp/settle-test-help-XXXXXX";
@@ -674,6 +772,7 @@ int main(void)
     RUN(test_describe);
     RUN(test_redact);
     RUN(test_parse_redis_url);
+    RUN(test_scheduled_work);
     RUN(test_help);
     clear_env();
     return unit_finish();
