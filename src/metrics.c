@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "settle/error.h"
 
@@ -130,6 +131,7 @@ struct metrics {
     unsigned n;
     uint64_t dropped;
     int redis_up, postgres_up, draining;
+    uint64_t loop_beat_ms; /* CLOCK_MONOTONIC ms of the loop's last beat; 0 = never */
 };
 
 /* Label values come from our own fixed vocabularies, but escape them anyway so a surprise can
@@ -332,6 +334,23 @@ void metrics_set_health(struct metrics *m, int redis_up, int postgres_up, int dr
     set(m, F_READY, "", redis_up && postgres_up && !draining ? 1 : 0);
 }
 
+static uint64_t monotonic_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+void metrics_loop_beat(struct metrics *m, uint64_t now_ms)
+{
+    (void)now_ms;
+    /* The HTTP thread compares against its own clock reading, so use one clock for both. */
+    uint64_t now = monotonic_ms();
+    pthread_mutex_lock(&m->mu);
+    m->loop_beat_ms = now;
+    pthread_mutex_unlock(&m->mu);
+}
+
 int metrics_ready(struct metrics *m)
 {
     pthread_mutex_lock(&m->mu);
@@ -479,6 +498,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return reply(c, MHD_HTTP_METHOD_NOT_ALLOWED, "application/json", msg, sizeof(msg) - 1);
     }
     if (strcmp(url, "/healthz") == 0) {
+        pthread_mutex_lock(&s->m->mu);
+        uint64_t beat = s->m->loop_beat_ms;
+        pthread_mutex_unlock(&s->m->mu);
+        /* Before the first beat the process is starting: alive. After it, a loop that has not
+         * beaten for METRICS_LOOP_STALE_MS is wedged, and an orchestrator should restart it
+         * (its jobs come back through their leases). */
+        if (beat != 0 && monotonic_ms() - beat > METRICS_LOOP_STALE_MS) {
+            static const char stuck[] = "{\"status\":\"loop not responding\"}\n";
+            return reply(c, MHD_HTTP_SERVICE_UNAVAILABLE, "application/json", stuck,
+                         sizeof(stuck) - 1);
+        }
         static const char ok[] = "{\"status\":\"ok\"}\n";
         return reply(c, MHD_HTTP_OK, "application/json", ok, sizeof(ok) - 1);
     }

@@ -1821,6 +1821,7 @@ static void on_queue_stats(void *arg, int status, const struct queue_stats *st)
 static void on_gauges(uv_timer_t *t)
 {
     struct worker *w = t->data;
+    metrics_loop_beat(w->metrics, now_ms(w));
     publish_health(w);
     if (!w->ping_busy && !w->closing) {
         w->ping.data = w;

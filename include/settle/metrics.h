@@ -47,6 +47,11 @@ void metrics_set_queue(struct metrics *m, const char *queue, long long ready, lo
 void metrics_set_health(struct metrics *m, int redis_up, int postgres_up, int draining);
 int metrics_ready(struct metrics *m);
 
+/* The loop thread says it is alive (monotonic ms). /healthz answers 503 when the last beat is
+ * older than METRICS_LOOP_STALE_MS: the HTTP thread would otherwise vouch for a wedged loop. */
+#define METRICS_LOOP_STALE_MS 30000
+void metrics_loop_beat(struct metrics *m, uint64_t now_ms);
+
 /* Renders the Prometheus text exposition (format 0.0.4) into a malloc'd buffer. 0 or
  * SETTLE_ENOMEM. Any thread. */
 int metrics_render(struct metrics *m, char **out, size_t *len);

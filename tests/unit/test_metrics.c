@@ -131,6 +131,8 @@ static void test_server(void)
     int port = metrics_server_port(s);
     CHECK(port > 0);
     CHECK_EQ_INT(get(port, "/healthz", &b), 200);
+    metrics_loop_beat(m, 0);
+    CHECK_EQ_INT(get(port, "/healthz", &b), 200);
     /* Not ready until both dependencies were seen up, and not while draining. */
     CHECK_EQ_INT(get(port, "/readyz", &b), 503);
     CHECK_CONTAINS(b.buf, "\"redis\":false");
