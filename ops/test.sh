@@ -7,6 +7,8 @@
 #                               integration) under the sanitizers
 #   bash ops/test.sh --quick    build/release + unit tests only (no servers, about a minute)
 #   bash ops/test.sh --no-asan  no sanitizer tree: the whole suite runs on build/release
+#   Both full forms end with a fuzz smoke run (ops/fuzz.sh, FUZZ_SECONDS per target, 50 by
+#   default); --quick skips it.
 #
 # Exits non-zero when any step failed; the last line is a one-line summary. Works from any
 # working directory (it changes to the repository root found from its own path).
@@ -16,7 +18,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$SETTLE_ROOT"
 
 usage() {
-    sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 quick=0
@@ -134,6 +136,15 @@ if [[ $quick -eq 0 && $asan -eq 1 ]]; then
     else
         skipped+=(tests-asan)
     fi
+fi
+
+# Fuzz smoke (issue 7): the libFuzzer targets under ASan+UBSan for a bounded time each
+# (ops/fuzz.sh builds build/fuzz with clang and replays tests/fuzz/regressions/ first).
+# FUZZ_SECONDS per target keeps the step near three minutes on CI's two cores.
+if [[ $quick -eq 0 ]]; then
+    step fuzz bash ops/fuzz.sh "${FUZZ_SECONDS:-50}" || true
+else
+    skipped+=(fuzz)
 fi
 
 summary

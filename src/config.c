@@ -855,38 +855,6 @@ static bool key_is_secret(const char *key, size_t n)
     return n >= sn && strncasecmp(key + n - sn, suffix, sn) == 0;
 }
 
-/* Copies a URI tail, replacing the values of ?password=... style query parameters. */
-static void redact_query(struct sbuf *b, const char *s)
-{
-    const char *q = strchr(s, '?');
-
-    if (q == NULL) {
-        sb_put(b, s, strlen(s));
-        return;
-    }
-    sb_put(b, s, (size_t)(q - s) + 1);
-    s = q + 1;
-    while (*s != '\0') {
-        size_t n = strcspn(s, "&#");
-        const char *eq = memchr(s, '=', n);
-        if (eq != NULL && key_is_secret(s, (size_t)(eq - s))) {
-            sb_put(b, s, (size_t)(eq - s) + 1);
-            sb_put(b, "***", 3);
-        } else {
-            sb_put(b, s, n);
-        }
-        s += n;
-        if (*s == '#') {
-            sb_put(b, s, strlen(s));
-            return;
-        }
-        if (*s == '&') {
-            sb_put(b, "&", 1);
-            s++;
-        }
-    }
-}
-
 static bool is_space(char ch)
 {
     return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '\f' || ch == '\v';
@@ -938,38 +906,146 @@ static void redact_conninfo(struct sbuf *b, const char *s)
     }
 }
 
+/* Is there a URI scheme ("name://") at the very start? Only then is the string a URI: a
+ * key=value conninfo may hold "://" inside a value. */
+static size_t uri_scheme_len(const char *s)
+{
+    size_t i = 0;
+    if (!((s[0] >= 'a' && s[0] <= 'z') || (s[0] >= 'A' && s[0] <= 'Z')))
+        return 0;
+    while ((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= 'A' && s[i] <= 'Z') ||
+           (s[i] >= '0' && s[i] <= '9') || s[i] == '+' || s[i] == '-' || s[i] == '.')
+        i++;
+    return strncmp(s + i, "://", 3) == 0 ? i + 3 : 0;
+}
+
+
+/* A query key as libpq reads it: percent-decoded ("passwor%64" is "password"). */
+static bool query_key_is_secret(const char *key, size_t n)
+{
+    char dec[64];
+    size_t d = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (d + 1 >= sizeof(dec))
+            return true; /* a key this long is no key we know: redact its value */
+        if (key[i] == '%' && i + 2 < n + 1 && hex_value(key[i + 1]) >= 0 &&
+            hex_value(key[i + 2]) >= 0) {
+            dec[d++] = (char)(hex_value(key[i + 1]) * 16 + hex_value(key[i + 2]));
+            i += 2;
+        } else {
+            dec[d++] = key[i];
+        }
+    }
+    return key_is_secret(dec, d);
+}
+
+#define REDACT_SPANS_MAX 64
+
+struct spans {
+    size_t start[REDACT_SPANS_MAX], end[REDACT_SPANS_MAX];
+    unsigned n;
+    bool overflow;
+};
+
+static void span_add(struct spans *sp, size_t start, size_t end)
+{
+    if (end <= start)
+        return;
+    if (sp->n == REDACT_SPANS_MAX) {
+        sp->overflow = true;
+        return;
+    }
+    sp->start[sp->n] = start;
+    sp->end[sp->n] = end;
+    sp->n++;
+}
+
+/* The password of a userinfo part [from, at): everything after its first ':'. */
+static void span_userinfo(struct spans *sp, const char *url, size_t from, const char *at)
+{
+    const char *colon = memchr(url + from, ':', (size_t)(at - (url + from)));
+    if (colon != NULL)
+        span_add(sp, (size_t)(colon + 1 - url), (size_t)(at - url));
+}
+
 void config_redact_url(const char *url, char *out, size_t out_len)
 {
     struct sbuf b = {out, 0, out_len};
-    const char *scheme_end;
+    struct spans sp = {{0}, {0}, 0, false};
 
     if (out_len == 0)
         return;
     out[0] = '\0';
     if (url == NULL)
         return;
-    scheme_end = strstr(url, "://");
-    if (scheme_end == NULL) {
+    size_t from = uri_scheme_len(url);
+    if (from == 0) {
         redact_conninfo(&b, url);
         return;
     }
-    scheme_end += 3;
-    /* The last '@' ends the credentials; everything from the first ':' before it is the
-     * password, even if it holds unencoded '/', '?' or '@' that a strict parser would
-     * reject. Over-redacting an odd URL is better than printing its password. */
-    const char *at = strrchr(scheme_end, '@');
-    if (at != NULL) {
-        const char *colon = memchr(scheme_end, ':', (size_t)(at - scheme_end));
-        if (colon != NULL) {
-            sb_put(&b, url, (size_t)(colon - url) + 1);
-            sb_put(&b, "***", 3);
-        } else {
-            sb_put(&b, url, (size_t)(at - url));
+    /* Credentials, as every consumer might read them, redacted as the union: libpq ends the
+     * authority at the first '/', '?' or '#' and takes the last '@' before it; the Redis URL
+     * parser takes the last '@' of the whole string (its passwords may hold '/' or '?').
+     * Over-redacting an odd URL is better than printing its password. */
+    size_t auth_end = from + strcspn(url + from, "/?#");
+    const char *at_pg = NULL;
+    for (const char *p = url + from; p < url + auth_end; p++) {
+        if (*p == '@')
+            at_pg = p;
+    }
+    const char *at_redis = strrchr(url + from, '@');
+    if (at_pg != NULL)
+        span_userinfo(&sp, url, from, at_pg);
+    if (at_redis != NULL && at_redis != at_pg)
+        span_userinfo(&sp, url, from, at_redis);
+    /* Query parameters whose (percent-decoded) key names a password, in the query libpq
+     * sees (from the first '?' after the authority) and after a Redis-style last '@'. */
+    const char *queries[2] = {strchr(url + auth_end, '?'),
+                              at_redis != NULL ? strchr(at_redis, '?') : NULL};
+    for (int qi = 0; qi < 2; qi++) {
+        if (queries[qi] == NULL || (qi == 1 && queries[1] == queries[0]))
+            continue;
+        const char *q = queries[qi] + 1;
+        while (*q != '\0' && *q != '#') {
+            size_t n = strcspn(q, "&#");
+            const char *eq = memchr(q, '=', n);
+            if (eq != NULL && query_key_is_secret(q, (size_t)(eq - q)))
+                span_add(&sp, (size_t)(eq + 1 - url), (size_t)(q + n - url));
+            q += n;
+            if (*q == '&')
+                q++;
         }
-        redact_query(&b, at);
-    } else {
-        sb_put(&b, url, (size_t)(scheme_end - url));
-        redact_query(&b, scheme_end);
+    }
+    if (sp.overflow) {
+        sb_put(&b, url, from);
+        sb_put(&b, "***", 3);
+        return;
+    }
+    /* Copy, replacing the union of the spans with "***". */
+    size_t len = strlen(url), i = 0;
+    while (i < len) {
+        size_t cut_end = 0;
+        for (unsigned k = 0; k < sp.n; k++) {
+            if (sp.start[k] <= i && i < sp.end[k] && sp.end[k] > cut_end)
+                cut_end = sp.end[k];
+        }
+        if (cut_end > i) {
+            /* Extend through overlapping spans so one "***" covers them. */
+            for (bool grew = true; grew;) {
+                grew = false;
+                for (unsigned k = 0; k < sp.n; k++) {
+                    if (sp.start[k] <= cut_end && sp.end[k] > cut_end) {
+                        cut_end = sp.end[k];
+                        grew = true;
+                    }
+                }
+            }
+            sb_put(&b, "***", 3);
+            i = cut_end;
+        } else {
+            sb_put(&b, url + i, 1);
+            i++;
+        }
     }
 }
 

@@ -150,7 +150,10 @@ static void copy_text(char *dst, size_t dst_len, const char *src, size_t src_len
         unsigned char c = (unsigned char)src[i];
         if (is_digit((char)c)) {
             size_t end = i, digits = 0;
-            while (end < src_len && (is_digit(src[end]) || src[end] == '-' || src[end] == ' ')) {
+            /* Control characters count as separators, as they print as spaces: a card split
+             * by tabs must be masked like one split by spaces. */
+            while (end < src_len && (is_digit(src[end]) || src[end] == '-' || src[end] == ' ' ||
+                                     (unsigned char)src[end] < 0x20 || src[end] == 0x7F)) {
                 if (is_digit(src[end]))
                     digits++;
                 end++;
@@ -160,6 +163,8 @@ static void copy_text(char *dst, size_t dst_len, const char *src, size_t src_len
             for (; i < end && o + 1 < dst_len; i++) {
                 if (is_digit(src[i]))
                     dst[o++] = seen++ < hide ? '*' : src[i];
+                else if ((unsigned char)src[i] < 0x20 || src[i] == 0x7F)
+                    dst[o++] = ' ';
                 else
                     dst[o++] = src[i];
             }
@@ -458,9 +463,9 @@ static int decode_envelope(const char *body, size_t len, json_t **root_out, json
     }
     if (n == 4 && memcmp(s, "FAIL", 4) == 0) {
         /* We branch on meta.result, never on errorCode; the message is for humans. */
-        if (field_string(meta, "PG answer meta", "message", &s, &n, NULL, 0) != 0 &&
-            field_string(meta, "PG answer meta", "errorCode", &s, &n, NULL, 0) != 0) {
-            s = "no message";
+        if ((field_string(meta, "PG answer meta", "message", &s, &n, NULL, 0) != 0 || n == 0) &&
+            (field_string(meta, "PG answer meta", "errorCode", &s, &n, NULL, 0) != 0 || n == 0)) {
+            s = "meta.result FAIL without a message";
             n = strlen(s);
         }
         if (why != NULL && why_len > 0)
@@ -1314,6 +1319,21 @@ void gateway_query_status_work(struct gateway *g, const char *user_id, const cha
         goto out;
     }
     get_and_parse(g, h, url, headers, !by_key, out);
+
+    /* A key the PG does not know is no proof that the order is unpaid (a job may carry a
+     * stale or foreign key): ask by order id before anyone concludes "no payment", so a 404
+     * can never expire an order that was paid under another key. */
+    if (by_key && out->outcome == GATEWAY_NOT_FOUND && arg_id_ok(order_id)) {
+        free(url);
+        url = build_url(g, h, "/api/v1/payments?orderId=", order_id, "");
+        result_init(out);
+        if (url == NULL) {
+            local_failure(out, "building the URL");
+            goto out;
+        }
+        get_and_parse(g, h, url, headers, true, out);
+        by_key = false;
+    }
 
     /* The orderId list may omit amounts (the real simulator does); the amount is what lets
      * the worker notice a forged answer, so fetch the chosen transaction in full. */

@@ -9,12 +9,15 @@
  */
 #include "settle/job.h"
 #include "settle/error.h"
+#include "settle/log.h"
 #include "settle/text.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define JOB_DEAD_ERROR_MAX 1024
 
 #include <jansson.h>
 
@@ -280,13 +283,24 @@ int job_decode(enum job_kind kind, const char *buf, size_t len, size_t max_bytes
         return explain(why, why_len,
                        "job is %zu bytes, over the %zu-byte limit (SETTLE_JOB_MAX_BYTES)", len,
                        max_bytes);
+    /* A raw NUL byte is never valid JSON text, but jansson 2.14 skips one that follows a
+     * literal or a number, so refuse it before parsing. */
+    const char *nul = buf != NULL ? memchr(buf, '\0', len) : NULL;
+    if (nul != NULL)
+        return explain(why, why_len, "not JSON: a NUL byte at offset %zu", (size_t)(nul - buf));
     /* JSON_DECODE_ANY lets us name the top-level type we got instead of jansson's generic
      * complaint; \u0000 stays refused because JSON_ALLOW_NUL is not given. */
     root =
         json_loadb(buf != NULL ? buf : "", len, JSON_DECODE_ANY | JSON_REJECT_DUPLICATES, &error);
-    if (root == NULL)
+    if (root == NULL) {
+        /* jansson quotes the offending token ("near '4556...'"), which can be a card number:
+         * the DLQ keeps the job itself, so the sentence names only the position. */
+        char *near = strstr(error.text, " near '");
+        if (near != NULL)
+            *near = '\0';
         return explain(why, why_len, "not JSON: %s (line %d, column %d)", error.text, error.line,
                        error.column);
+    }
     if (!json_is_object(root)) {
         rc = explain(why, why_len, "expected a JSON object, got %s", type_name(root));
         goto out;
@@ -367,10 +381,23 @@ int job_dead_envelope(const struct job_dead_info *info, const char *raw, size_t 
         job = json_loadb(raw, raw_len, JSON_DECODE_ANY, NULL);
     if (job == NULL)
         job = json_null();
+    /* The error sentence may quote what a peer sent (a PG message, a parse error); the DLQ is
+     * read by people, so card numbers in it are masked like in the logs. The job itself is
+     * kept as sent: it is the evidence. */
+    char error[JOB_DEAD_ERROR_MAX];
+    size_t error_len = 0;
+    if (info->error != NULL) {
+        error_len = strlen(info->error);
+        if (error_len >= sizeof(error))
+            error_len = sizeof(error) - 1;
+        memcpy(error, info->error, error_len);
+        log_mask_cards(error, error_len);
+    }
+    error[error_len] = '\0';
     if (json_object_set_new(root, "id", lossy_string(info->job_id)) != 0 ||
         json_object_set_new(root, "queue", lossy_string(info->queue)) != 0 ||
         json_object_set_new(root, "reason", lossy_string(info->reason)) != 0 ||
-        json_object_set_new(root, "error", lossy_string(info->error)) != 0 ||
+        json_object_set_new(root, "error", lossy_string(info->error != NULL ? error : NULL)) != 0 ||
         json_object_set_new(root, "attempts", json_integer((json_int_t)info->attempts)) != 0 ||
         json_object_set_new(root, "deliveries", json_integer((json_int_t)info->deliveries)) != 0 ||
         json_object_set_new(root, "enqueued_at_ms", ms_integer(info->enqueued_ms)) != 0 ||
