@@ -919,7 +919,6 @@ static size_t uri_scheme_len(const char *s)
     return strncmp(s + i, "://", 3) == 0 ? i + 3 : 0;
 }
 
-
 /* A query key as libpq reads it: percent-decoded ("passwor%64" is "password"). */
 static bool query_key_is_secret(const char *key, size_t n)
 {
