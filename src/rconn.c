@@ -17,7 +17,6 @@
 
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
-#include <hiredis/adapters/libuv.h>
 
 #include <stdint.h>
 #include <stdio.h>
@@ -31,9 +30,8 @@
 
 #define RCONN_BACKOFF_MIN_MS 100
 #define RCONN_BACKOFF_MAX_MS 5000
-/* How long a connect plus handshake may take. hiredis 0.14's libuv adapter drops poll errors
- * (a refused connect shows up as POLLERR and is silently ignored), so without this deadline a
- * reconnect to a Redis that is still down would wait forever. */
+/* How long a connect plus handshake may take: a backstop for a connect that never completes
+ * (a black-holed address); refused connects are seen at once through ev_on_poll. */
 #define RCONN_CONNECT_TIMEOUT_MS 2000
 
 /* ---------------------------------------------------------------------------------------------
@@ -126,6 +124,110 @@ static int reply_is_noscript(const redisReply *r)
 {
     return r != NULL && r->type == REDIS_REPLY_ERROR && r->len >= 8 &&
            strncmp(r->str, "NOSCRIPT", 8) == 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Our libuv binding for hiredis' async contexts.
+ *
+ * hiredis ships an adapter (adapters/libuv.h), but the one in Debian 12's hiredis 0.14
+ * returns early when libuv reports a socket error. libuv reports a reset or a refused
+ * connect as an error and stops the poll handle, so with that adapter a connection that died
+ * with writes in flight was never noticed: no disconnect callback, pending commands waiting
+ * forever. This binding uses the same hooks (identical in hiredis 0.14 and 1.x) and, on an
+ * error, lets hiredis read the socket, which makes it see the error and disconnect.
+ */
+struct rconn_ev {
+    uv_poll_t poll;
+    redisAsyncContext *ac; /* NULL once hiredis has cleaned up */
+    int events;            /* UV_READABLE | UV_WRITABLE wanted by hiredis */
+};
+
+static void ev_on_poll(uv_poll_t *h, int status, int events)
+{
+    struct rconn_ev *e = h->data;
+    int ev = status < 0 ? e->events : events;
+    if (e->ac != NULL && (ev & UV_READABLE))
+        redisAsyncHandleRead(e->ac);
+    if (e->ac != NULL && (ev & UV_WRITABLE))
+        redisAsyncHandleWrite(e->ac);
+    /* libuv stopped the handle on the error; if hiredis still holds the context (the read
+     * found nothing to complain about), nothing would ever wake it again: drop it, which
+     * fails its pending commands and runs the disconnect callback. */
+    if (status < 0 && e->ac != NULL)
+        redisAsyncFree(e->ac);
+}
+
+static void ev_update(struct rconn_ev *e)
+{
+    if (uv_is_closing((uv_handle_t *)&e->poll))
+        return;
+    if (e->events != 0)
+        uv_poll_start(&e->poll, e->events, ev_on_poll);
+    else
+        uv_poll_stop(&e->poll);
+}
+
+static void ev_add_read(void *privdata)
+{
+    struct rconn_ev *e = privdata;
+    e->events |= UV_READABLE;
+    ev_update(e);
+}
+
+static void ev_del_read(void *privdata)
+{
+    struct rconn_ev *e = privdata;
+    e->events &= ~UV_READABLE;
+    ev_update(e);
+}
+
+static void ev_add_write(void *privdata)
+{
+    struct rconn_ev *e = privdata;
+    e->events |= UV_WRITABLE;
+    ev_update(e);
+}
+
+static void ev_del_write(void *privdata)
+{
+    struct rconn_ev *e = privdata;
+    e->events &= ~UV_WRITABLE;
+    ev_update(e);
+}
+
+static void ev_on_close(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+/* hiredis is done with the context: release the poll handle (freed in its close callback). */
+static void ev_cleanup(void *privdata)
+{
+    struct rconn_ev *e = privdata;
+    e->ac = NULL;
+    uv_close((uv_handle_t *)&e->poll, ev_on_close);
+}
+
+static int ev_attach(redisAsyncContext *ac, uv_loop_t *loop)
+{
+    if (ac->ev.data != NULL)
+        return REDIS_ERR;
+    struct rconn_ev *e = calloc(1, sizeof(*e));
+    if (e == NULL)
+        return REDIS_ERR;
+    if (uv_poll_init(loop, &e->poll, ac->c.fd) != 0) {
+        free(e);
+        return REDIS_ERR;
+    }
+    e->poll.data = e;
+    e->ac = ac;
+    ac->ev.addRead = ev_add_read;
+    ac->ev.delRead = ev_del_read;
+    ac->ev.addWrite = ev_add_write;
+    ac->ev.delWrite = ev_del_write;
+    ac->ev.cleanup = ev_cleanup;
+    ac->ev.data = e;
+    return REDIS_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -305,7 +407,7 @@ static void start_connect(struct rconn *rc)
         return;
     }
     ac->data = rc;
-    if (redisLibuvAttach(ac, rc->loop) != REDIS_OK) {
+    if (ev_attach(ac, rc->loop) != REDIS_OK) {
         redisAsyncFree(ac);
         schedule_reconnect(rc);
         return;
