@@ -785,10 +785,14 @@ class Suite:
         if s2 and r20:
             v = float(s2["jobs_per_s"]) / r20
             tgt("Scaling_1_to_2_no_loss", f"{v:.2f}", ">=0.95", v >= 0.95, "x")
-        lat = s.get("Latency20")
-        if lat and lat.get("overhead_p99_ms") not in (None, "-"):
-            v = float(lat["overhead_p99_ms"])
-            tgt("Latency_overhead_p99", f"{v:.2f}", f"<={T_LAT_P99_MS}", v <= T_LAT_P99_MS, "ms")
+        # Settle's own overhead is claim-to-done with a stub that answers at once; with the
+        # 20 ms stub the stub's own jitter (its p99 is ~22.5 ms under wrk) is in the figure.
+        for fig in ("Latency0", "Latency20"):
+            lat = s.get(fig)
+            if lat and lat.get("overhead_p99_ms") not in (None, "-"):
+                v = float(lat["overhead_p99_ms"])
+                tgt(f"Latency_overhead_p99_stub{lat['pg_latency_ms']}ms", f"{v:.2f}",
+                    f"<={T_LAT_P99_MS}", v <= T_LAT_P99_MS, "ms")
         mem = s.get("Memory")
         if mem and mem.get("rss_peak_mib_max") not in (None, "-"):
             v = float(mem["rss_peak_mib_max"])
