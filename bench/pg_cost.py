@@ -22,7 +22,6 @@ must leave exactly one job_log row per job.
 
 import os
 import subprocess
-import time
 
 import benchlib
 import fixtures

@@ -2,7 +2,7 @@
 # bench/run.sh - settle's benchmark suite, side by side with BullMQ and Sidekiq (issue 6).
 #
 #   bash bench/run.sh            full run: 3 interleaved rounds (+ up to 2 for noisy figures),
-#                                machine limits, latency, recovery, claim cost, sweeps (~40 min)
+#                                machine limits, latency, recovery, claim cost, sweeps (30-60 min)
 #   bash bench/run.sh --quick    one round, small N, no limits or sweeps (~10 min; a smoke
 #                                test, not figures to quote)
 #   extra options go to bench/settle_bench.py (--runs N, --n N, --peers bullmq,sidekiq,
@@ -76,7 +76,9 @@ cleanup() {
             kill -0 "$DRIVER_PID" 2>/dev/null || break
             sleep 0.1
         done
-        kill -0 "$DRIVER_PID" 2>/dev/null && kill -KILL "$DRIVER_PID" 2>/dev/null || true
+        if kill -0 "$DRIVER_PID" 2>/dev/null; then
+            kill -KILL "$DRIVER_PID" 2>/dev/null || true
+        fi
     fi
     if [[ ${BENCH_KEEP_TMP:-0} == 1 ]]; then
         log "kept $TMP"
