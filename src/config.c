@@ -80,6 +80,8 @@ static const struct var vars[] = {
     {"SETTLE_CLAIM_BATCH", VAR_UINT, OFF(claim_batch), "64", 1, 1000, 0, "jobs taken per claim"},
     {"SETTLE_DB_POOL_SIZE", VAR_UINT, OFF(db_pool_size), "0", 0, 256, 0,
      "PostgreSQL connections; 0 = min(concurrency, 16)"},
+    {"SETTLE_DB_BATCH", VAR_UINT, OFF(db_batch), "32", 1, 64, 0,
+     "most jobs per order load and per outcome transaction; 1 = one job per transaction"},
     {"SETTLE_JOB_MAX_BYTES", VAR_U64, OFF(job_max_bytes), "65536", 128, 16777216, 0,
      "largest job accepted; larger ones go to the DLQ unparsed"},
     {"SETTLE_GATEWAY_CONNECT_TIMEOUT_MS", VAR_U64, OFF(gateway_connect_timeout_ms), "1000", 1,

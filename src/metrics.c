@@ -43,6 +43,7 @@ enum family_id {
     F_JOB_DURATION,
     F_GW_REQUESTS,
     F_GW_DURATION,
+    F_DB_BATCH,
     F_BREAKER_STATE,
     F_BREAKER_TRANSITIONS,
     F_RESERVATIONS_REAPED,
@@ -67,6 +68,7 @@ struct family {
 
 static const double job_buckets[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                      1,     2.5,  5,     10,   30,  60};
+static const double batch_buckets[] = {1, 2, 4, 8, 16, 32, 64};
 static const double gw_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                     0.25,  0.5,    1,     2.5,  5,     10};
 
@@ -94,6 +96,9 @@ static const struct family families[F_COUNT] = {
     [F_GW_DURATION] = {"settle_gateway_request_duration_seconds", FAMILY_HISTOGRAM,
                        "Payment gateway request latency.", gw_buckets,
                        sizeof(gw_buckets) / sizeof(gw_buckets[0])},
+    [F_DB_BATCH] = {"settle_db_batch_jobs", FAMILY_HISTOGRAM,
+                    "Jobs per PostgreSQL batch (one transaction), by step: load or store.",
+                    batch_buckets, sizeof(batch_buckets) / sizeof(batch_buckets[0])},
     [F_BREAKER_STATE] = {"settle_breaker_state", FAMILY_GAUGE,
                          "Circuit breaker state: 0 closed, 1 open, 2 half-open.", 0, 0},
     [F_BREAKER_TRANSITIONS] = {"settle_breaker_transitions_total", FAMILY_COUNTER,
@@ -280,6 +285,13 @@ void metrics_gateway_request(struct metrics *m, const char *endpoint, const char
     char e[LABELS_MAX] = "";
     append_label(e, sizeof(e), "endpoint", endpoint);
     observe(m, F_GW_DURATION, e, seconds);
+}
+
+void metrics_db_batch(struct metrics *m, const char *step, unsigned jobs)
+{
+    char l[LABELS_MAX] = "";
+    append_label(l, sizeof(l), "step", step);
+    observe(m, F_DB_BATCH, l, (double)jobs);
 }
 
 void metrics_breaker(struct metrics *m, const char *endpoint, int state, const char *to)

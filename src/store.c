@@ -21,6 +21,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <jansson.h>
 #include <libpq-fe.h>
 #include <limits.h>
 #include <pthread.h>
@@ -176,6 +177,52 @@ static char *text_dup_clean(const char *src, bool *oom)
     dst[len] = '\0';
     log_mask_cards(dst, len);
     return dst;
+}
+
+/*
+ * A PostgreSQL array literal ({"a","b",NULL}) of n values for an ANY() or unnest()
+ * parameter: NULL entries become SQL NULLs, '"' and '\' are escaped, and bytes that are not
+ * valid UTF-8 become '?', so one odd value cannot make PostgreSQL refuse a whole batch.
+ * malloc'd; NULL on allocation failure.
+ */
+static char *array_literal(const char *const *v, size_t n)
+{
+    size_t cap = 3;
+    for (size_t i = 0; i < n; i++)
+        cap += v[i] != NULL ? 2 * strlen(v[i]) + 3 : 5;
+    char *out = malloc(cap);
+    if (out == NULL)
+        return NULL;
+    size_t o = 0;
+    out[o++] = '{';
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0)
+            out[o++] = ',';
+        if (v[i] == NULL) {
+            memcpy(out + o, "NULL", 4);
+            o += 4;
+            continue;
+        }
+        out[o++] = '"';
+        size_t len = strlen(v[i]);
+        for (size_t k = 0; k < len;) {
+            size_t sl = utf8_seq_len((const unsigned char *)v[i] + k, len - k);
+            if (sl == 0) {
+                out[o++] = '?';
+                k++;
+                continue;
+            }
+            if (sl == 1 && (v[i][k] == '"' || v[i][k] == '\\'))
+                out[o++] = '\\';
+            memcpy(out + o, v[i] + k, sl);
+            o += sl;
+            k += sl;
+        }
+        out[o++] = '"';
+    }
+    out[o++] = '}';
+    out[o] = '\0';
+    return out;
 }
 
 /* Parses a decimal integer PostgreSQL returned; SETTLE_EPARSE when it is not one. */
@@ -738,32 +785,34 @@ static int copy_id(struct session *ss, char *dst, size_t dst_size, const char *s
     return 0;
 }
 
-/* Fills out from the orders + payments row (columns as in store_load_order_work). */
-static int order_row_read(struct session *ss, const PGresult *res, struct store_order *out)
+/* Fills out from row `row` of the orders + payments result (columns as in
+ * store_load_orders_work). */
+static int order_row_read(struct session *ss, const PGresult *res, int row, struct store_order *out)
 {
     int64_t amount, refunded, age, checks;
     int rc;
 
-    rc = copy_id(ss, out->id, sizeof(out->id), PQgetvalue(res, 0, 0), "orders.id");
+    rc = copy_id(ss, out->id, sizeof(out->id), PQgetvalue(res, row, 0), "orders.id");
     if (rc == 0)
-        rc = copy_id(ss, out->user_id, sizeof(out->user_id), PQgetvalue(res, 0, 1),
+        rc = copy_id(ss, out->user_id, sizeof(out->user_id), PQgetvalue(res, row, 1),
                      "orders.user_id");
     if (rc == 0)
-        rc = copy_id(ss, out->status, sizeof(out->status), PQgetvalue(res, 0, 2), "orders.status");
+        rc =
+            copy_id(ss, out->status, sizeof(out->status), PQgetvalue(res, row, 2), "orders.status");
     if (rc == 0)
-        rc = copy_id(ss, out->transaction_key, sizeof(out->transaction_key), PQgetvalue(res, 0, 8),
-                     "payments.transaction_key");
+        rc = copy_id(ss, out->transaction_key, sizeof(out->transaction_key),
+                     PQgetvalue(res, row, 8), "payments.transaction_key");
     if (rc == 0)
-        rc = copy_id(ss, out->payment_status, sizeof(out->payment_status), PQgetvalue(res, 0, 9),
+        rc = copy_id(ss, out->payment_status, sizeof(out->payment_status), PQgetvalue(res, row, 9),
                      "payments.status");
     if (rc != 0)
         goto out;
     /* The reason is prose for people: cutting it is fine. */
-    copy_text(out->failure_reason, sizeof(out->failure_reason), PQgetvalue(res, 0, 3));
-    if (parse_i64(PQgetvalue(res, 0, 4), &amount) != 0 ||
-        parse_i64(PQgetvalue(res, 0, 5), &refunded) != 0 ||
-        parse_i64(PQgetvalue(res, 0, 6), &age) != 0 ||
-        parse_i64(PQgetvalue(res, 0, 7), &checks) != 0 || age < 0 || checks < 0 ||
+    copy_text(out->failure_reason, sizeof(out->failure_reason), PQgetvalue(res, row, 3));
+    if (parse_i64(PQgetvalue(res, row, 4), &amount) != 0 ||
+        parse_i64(PQgetvalue(res, row, 5), &refunded) != 0 ||
+        parse_i64(PQgetvalue(res, row, 6), &age) != 0 ||
+        parse_i64(PQgetvalue(res, row, 7), &checks) != 0 || age < 0 || checks < 0 ||
         (uint64_t)checks > UINT_MAX) {
         err_set(ss->err, ss->err_len, "postgresql: ", "unexpected number in the orders row");
         rc = SETTLE_EPARSE;
@@ -777,82 +826,173 @@ out:
     return rc;
 }
 
-int store_load_order_work(struct store *s, const char *order_id, struct store_order *out, char *err,
-                          size_t err_len)
+/* Gives every load of the batch that has no final answer yet the status rc and the text err. */
+static void loads_fail(struct store_load *l, size_t n, int rc, const char *err)
 {
-    char limit[16];
-    const char *params[2] = {order_id, limit};
+    for (size_t i = 0; i < n; i++) {
+        if (l[i].status != 1 && l[i].status != 2)
+            continue;
+        l[i].status = rc;
+        copy_text(l[i].err, sizeof(l[i].err), err);
+    }
+}
+
+/* Reads one orders + payments row into every load of that order (a batch may hold two jobs
+ * of one order). A bad row fails only its own loads. */
+static void loads_place_order(struct session *ss, const PGresult *res, int row,
+                              struct store_load *l, size_t n)
+{
+    const char *id = PQgetvalue(res, row, 0);
+    for (size_t i = 0; i < n; i++) {
+        if (l[i].status != 1 || strcmp(l[i].order_id, id) != 0)
+            continue;
+        ss->err = l[i].err;
+        ss->err_len = sizeof(l[i].err);
+        memset(l[i].order, 0, sizeof(*l[i].order));
+        int rc = order_row_read(ss, res, row, l[i].order);
+        /* 2: the order row is read; its items come next. */
+        l[i].status = rc == 0 ? 2 : rc;
+    }
+}
+
+/* Adds one order_items row to every load of its order. */
+static void loads_place_item(struct session *ss, const PGresult *res, int row, struct store_load *l,
+                             size_t n)
+{
+    const char *id = PQgetvalue(res, row, 0);
+    for (size_t i = 0; i < n; i++) {
+        struct store_order *o = l[i].order;
+        int64_t qty;
+        if (l[i].status != 2 || strcmp(l[i].order_id, id) != 0)
+            continue;
+        ss->err = l[i].err;
+        ss->err_len = sizeof(l[i].err);
+        if (o->n_items >= STORE_ITEMS_MAX) {
+            err_set(ss->err, ss->err_len, "order has more items than settle accepts", "");
+            l[i].status = SETTLE_ETOOBIG;
+            continue;
+        }
+        int rc = copy_id(ss, o->items[o->n_items].sku, sizeof(o->items[o->n_items].sku),
+                         PQgetvalue(res, row, 1), "order_items.sku");
+        if (rc == 0 &&
+            (parse_i64(PQgetvalue(res, row, 2), &qty) != 0 || qty <= 0 || qty > INT32_MAX)) {
+            err_set(ss->err, ss->err_len, "postgresql: ", "unexpected order_items.qty");
+            rc = SETTLE_EPARSE;
+        }
+        if (rc != 0) {
+            l[i].status = rc;
+            continue;
+        }
+        o->items[o->n_items++].qty = (int32_t)qty;
+    }
+}
+
+int store_load_orders_work(struct store *s, struct store_load *l, size_t n)
+{
+    char limit[16], err[STORE_ERR_MAX] = "";
+    const char *ids[STORE_BATCH_MAX];
+    const char *params[2] = {NULL, limit};
     struct session ss = {0};
     PGresult *res = NULL;
-    int n, rc;
+    char *id_array = NULL;
+    int rc;
 
-    if (err != NULL && err_len > 0)
-        err[0] = '\0';
-    if (s == NULL || order_id == NULL || order_id[0] == '\0' || out == NULL) {
-        rc = SETTLE_EINVAL;
+    if (s == NULL || l == NULL || n == 0 || n > STORE_BATCH_MAX)
+        return SETTLE_EINVAL;
+    /* Status 1 marks "no answer yet" while the batch runs; 2 "order read, items next". */
+    for (size_t i = 0; i < n; i++) {
+        l[i].err[0] = '\0';
+        l[i].status = 1;
+        if (l[i].order_id == NULL || l[i].order_id[0] == '\0' || l[i].order == NULL) {
+            l[i].status = SETTLE_EINVAL;
+            copy_text(l[i].err, sizeof(l[i].err), "no order id");
+        }
+        ids[i] = l[i].order_id;
+    }
+    id_array = array_literal(ids, n);
+    if (id_array == NULL) {
+        rc = SETTLE_ENOMEM;
+        copy_text(err, sizeof(err), settle_strerror(rc));
         goto out;
     }
-    memset(out, 0, sizeof(*out));
-    /* One more than we accept, so that "too many" is visible without reading them all. */
+    params[0] = id_array;
+    /* One more item per order than we accept, so "too many" shows without reading them all. */
     snprintf(limit, sizeof(limit), "%d", STORE_ITEMS_MAX + 1);
-    rc = session_open(s, &ss, err, err_len);
+    rc = session_open(s, &ss, err, sizeof(err));
     if (rc != 0)
         goto out;
     rc = tx_begin(&ss, BEGIN_READ_SQL);
     if (rc != 0)
         goto out;
-    /* Loads the order and its payment (if any), with the age computed by the server. */
+    /* Loads the orders and their payments (if any), with the age computed by the server. */
     rc = exec_params(&ss,
                      "SELECT o.id, o.user_id, o.status, coalesce(o.failure_reason, ''), "
                      "o.amount_minor, o.refunded_minor, "
                      "greatest(0, (extract(epoch FROM (now() - o.created_at)) * 1000)::bigint), "
                      "o.check_count, coalesce(p.transaction_key, ''), coalesce(p.status, '') "
                      "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "
-                     "WHERE o.id = $1::text",
+                     "WHERE o.id = ANY($1::text[])",
                      1, params, &res);
     if (rc != 0)
         goto out;
-    if (PQntuples(res) == 0) {
-        err_set(err, err_len, "order not found", "");
-        rc = SETTLE_ENOTFOUND;
-        goto out;
-    }
-    rc = order_row_read(&ss, res, out);
-    if (rc != 0)
-        goto out;
+    for (int row = 0; row < PQntuples(res); row++)
+        loads_place_order(&ss, res, row, l, n);
+    ss.err = err;
+    ss.err_len = sizeof(err);
     PQclear(res);
     res = NULL;
-    /* Loads the order's items in sku order, at most STORE_ITEMS_MAX + 1 of them. */
+    /* Loads their items in sku order, at most STORE_ITEMS_MAX + 1 per order. */
     rc = exec_params(&ss,
-                     "SELECT sku, qty FROM order_items WHERE order_id = $1::text "
-                     "ORDER BY sku LIMIT $2::integer",
+                     "SELECT order_id, sku, qty FROM (SELECT order_id, sku, qty, row_number() "
+                     "OVER (PARTITION BY order_id ORDER BY sku) AS n FROM order_items "
+                     "WHERE order_id = ANY($1::text[])) x WHERE n <= $2::integer "
+                     "ORDER BY order_id, sku",
                      2, params, &res);
     if (rc != 0)
         goto out;
-    n = PQntuples(res);
-    if (n > STORE_ITEMS_MAX) {
-        err_set(err, err_len, "order has more items than settle accepts", "");
-        rc = SETTLE_ETOOBIG;
-        goto out;
-    }
-    for (int i = 0; i < n; i++) {
-        int64_t qty;
-        rc = copy_id(&ss, out->items[i].sku, sizeof(out->items[i].sku), PQgetvalue(res, i, 0),
-                     "order_items.sku");
-        if (rc != 0)
-            goto out;
-        if (parse_i64(PQgetvalue(res, i, 1), &qty) != 0 || qty <= 0 || qty > INT32_MAX) {
-            err_set(err, err_len, "postgresql: ", "unexpected order_items.qty");
-            rc = SETTLE_EPARSE;
-            goto out;
-        }
-        out->items[i].qty = (int32_t)qty;
-    }
-    out->n_items = (unsigned)n;
+    for (int row = 0; row < PQntuples(res); row++)
+        loads_place_item(&ss, res, row, l, n);
+    ss.err = err;
+    ss.err_len = sizeof(err);
     rc = tx_commit(&ss);
 out:
+    if (rc != 0)
+        loads_fail(l, n, rc, err);
+    for (size_t i = 0; i < n; i++) {
+        if (l[i].status == 1) {
+            l[i].status = SETTLE_ENOTFOUND;
+            copy_text(l[i].err, sizeof(l[i].err), "order not found");
+        } else if (l[i].status == 2) {
+            l[i].status = 0;
+        }
+    }
+    free(id_array);
     PQclear(res);
     session_close(&ss);
+    return rc;
+}
+
+int store_load_order_work(struct store *s, const char *order_id, struct store_order *out, char *err,
+                          size_t err_len)
+{
+    struct store_load *l = calloc(1, sizeof(*l));
+    int rc;
+
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    if (l == NULL)
+        return SETTLE_ENOMEM;
+    if (s == NULL || order_id == NULL || order_id[0] == '\0' || out == NULL) {
+        free(l);
+        return SETTLE_EINVAL;
+    }
+    l->order_id = order_id;
+    l->order = out;
+    store_load_orders_work(s, l, 1);
+    rc = l->status;
+    if (rc != 0 && err != NULL && err_len > 0)
+        copy_text(err, err_len, l->err);
+    free(l);
     return rc;
 }
 
@@ -954,120 +1094,6 @@ static int outcome_check(const struct store_outcome *o, char *err, size_t err_le
     return SETTLE_EINVAL;
 }
 
-/* Upserts the order's payment with the given status, but never moves a payment that has
- * already left PENDING. The user and, when the gateway gave none, the amount come from the
- * order row. */
-static int payment_upsert(struct session *ss, const struct store_outcome *o,
-                          const struct outcome_text *t, const char *status, const char *reason)
-{
-    char amount[24];
-    const char *params[7] = {o->order_id, o->transaction_key, NULL,         status,
-                             reason,      t->card_type,       t->card_last4};
-
-    if (o->amount_minor > 0) {
-        snprintf(amount, sizeof(amount), "%" PRId64, o->amount_minor);
-        params[2] = amount;
-    }
-    /* INSERT or UPDATE payments (order_id) while the existing row is still PENDING. */
-    return exec_params(ss,
-                       "INSERT INTO payments AS p (order_id, transaction_key, user_id, "
-                       "amount_minor, status, reason, card_type, card_last4) "
-                       "SELECT o.id, $2::text, o.user_id, coalesce($3::bigint, o.amount_minor), "
-                       "$4::text, $5::text, $6::text, $7::text FROM orders o "
-                       "WHERE o.id = $1::text "
-                       "ON CONFLICT (order_id) DO UPDATE SET "
-                       "transaction_key = coalesce(EXCLUDED.transaction_key, p.transaction_key), "
-                       "amount_minor = coalesce($3::bigint, p.amount_minor), "
-                       "status = EXCLUDED.status, reason = EXCLUDED.reason, "
-                       "card_type = coalesce(EXCLUDED.card_type, p.card_type), "
-                       "card_last4 = coalesce(EXCLUDED.card_last4, p.card_last4), "
-                       "updated_at = now() "
-                       "WHERE p.status = 'PENDING'",
-                       7, params, NULL);
-}
-
-/* COMPLETE: PENDING -> COMPLETED, then stock -= items and the payment -> SUCCESS. */
-static int outcome_complete(struct session *ss, const struct store_outcome *o,
-                            const struct outcome_text *t, bool *changed)
-{
-    const char *params[1] = {o->order_id};
-    int64_t rows = 0;
-    int rc;
-
-    /* Marks the order COMPLETED if it is still PENDING. */
-    rc = exec_count(ss,
-                    "UPDATE orders SET status = 'COMPLETED', completed_at = now(), "
-                    "updated_at = now(), failure_reason = NULL "
-                    "WHERE id = $1::text AND status = 'PENDING'",
-                    1, params, &rows);
-    if (rc != 0 || rows == 0)
-        goto out;
-    *changed = true;
-    /* Locks the order's products in sku order, so that concurrent completions sharing
-     * products queue up instead of deadlocking. */
-    rc = exec_params(ss,
-                     "SELECT p.sku FROM products p JOIN order_items i ON i.sku = p.sku "
-                     "WHERE i.order_id = $1::text ORDER BY p.sku FOR UPDATE OF p",
-                     1, params, NULL);
-    if (rc != 0)
-        goto out;
-    /* Takes the order's items off the on-hand stock; CHECK (stock >= 0) refuses overselling,
-     * which rolls the whole outcome back. */
-    rc = exec_params(ss,
-                     "UPDATE products p SET stock = p.stock - i.qty, updated_at = now() "
-                     "FROM order_items i WHERE i.order_id = $1::text AND p.sku = i.sku",
-                     1, params, NULL);
-    if (rc != 0)
-        goto out;
-    rc = payment_upsert(ss, o, t, "SUCCESS", NULL);
-out:
-    return rc;
-}
-
-/* FAIL, EXPIRE, MANUAL_REVIEW: PENDING -> status with a reason; FAIL also records the
- * payment status the gateway reported, when it reported one. */
-static int outcome_close(struct session *ss, const struct store_outcome *o,
-                         const struct outcome_text *t, const char *status, const char *reason,
-                         bool *changed)
-{
-    const char *params[3] = {o->order_id, status, reason};
-    int64_t rows = 0;
-    int rc;
-
-    /* Moves the order from PENDING to the final status with its reason. */
-    rc = exec_count(ss,
-                    "UPDATE orders SET status = $2::text, failure_reason = $3::text, "
-                    "updated_at = now() WHERE id = $1::text AND status = 'PENDING'",
-                    3, params, &rows);
-    if (rc != 0 || rows == 0)
-        goto out;
-    *changed = true;
-    if (o->action == STORE_ACTION_FAIL && o->payment_status != NULL)
-        rc = payment_upsert(ss, o, t, o->payment_status, reason);
-out:
-    return rc;
-}
-
-/* RESCHEDULE: the order stays PENDING; its next check moves and the check count grows. */
-static int outcome_reschedule(struct session *ss, const struct store_outcome *o, bool *changed)
-{
-    char delay[24];
-    const char *params[2] = {o->order_id, delay};
-    int64_t rows = 0;
-    int rc;
-
-    snprintf(delay, sizeof(delay), "%" PRIu64, o->next_check_in_ms);
-    /* Sets next_check_at = now() + delay ms and counts the check, while PENDING. */
-    rc = exec_count(ss,
-                    "UPDATE orders SET next_check_at = now() + $2::bigint * interval "
-                    "'1 millisecond', check_count = check_count + 1 "
-                    "WHERE id = $1::text AND status = 'PENDING'",
-                    2, params, &rows);
-    if (rc == 0 && rows > 0)
-        *changed = true;
-    return rc;
-}
-
 /* Writes the job's job_log row unless the job already has one (redelivery). */
 static int job_log_insert(struct session *ss, const struct store_outcome *o,
                           const struct outcome_text *t, const char *result)
@@ -1111,13 +1137,192 @@ static int order_status_read(struct session *ss, const char *order_id, char *sta
     return rc;
 }
 
+static const char *const action_names[] = {
+    [STORE_ACTION_NONE] = "none",
+    [STORE_ACTION_COMPLETE] = "complete",
+    [STORE_ACTION_FAIL] = "fail",
+    [STORE_ACTION_EXPIRE] = "expire",
+    [STORE_ACTION_MANUAL_REVIEW] = "manual_review",
+    [STORE_ACTION_RESCHEDULE] = "reschedule",
+};
+
+/* Sets key to a JSON string (NULL: JSON null). Returns false when out of memory. */
+static bool json_put_text(json_t *obj, const char *key, const char *v)
+{
+    json_t *j = v != NULL ? json_string(v) : json_null();
+    return j != NULL && json_object_set_new(obj, key, j) == 0;
+}
+
+static bool json_put_int(json_t *obj, const char *key, int64_t v, bool present)
+{
+    json_t *j = present ? json_integer((json_int_t)v) : json_null();
+    return j != NULL && json_object_set_new(obj, key, j) == 0;
+}
+
+/*
+ * The jsonb element settle_apply_outcomes() takes for outcome o, index i. Free text is cleaned
+ * first (text_dup_clean: valid UTF-8, card numbers masked); only ever the last four digits of
+ * a card go in. NULL when out of memory.
+ */
+static json_t *outcome_json(const struct store_outcome *o, size_t i)
+{
+    bool oom = false;
+    const char *reason =
+        o->action == STORE_ACTION_EXPIRE && o->reason == NULL ? EXPIRE_REASON_DEFAULT : o->reason;
+    char *t_reason = text_dup_clean(reason, &oom);
+    char *t_card_type = text_dup_clean(o->card_type, &oom);
+    char *t_last_error = text_dup_clean(o->last_error, &oom);
+    const char *last4 = o->card_last4 != NULL && strlen(o->card_last4) == 4 &&
+                                strspn(o->card_last4, "0123456789") == 4
+                            ? o->card_last4
+                            : NULL;
+    json_t *e = oom ? NULL : json_object();
+    bool ok = e != NULL;
+
+    ok = ok && json_put_int(e, "i", (int64_t)i, true);
+    ok = ok && json_put_text(e, "action", action_names[o->action]);
+    ok = ok && json_put_text(e, "order_id", o->order_id);
+    ok = ok && json_put_text(e, "transaction_key", o->transaction_key);
+    ok = ok && json_put_int(e, "amount_minor", o->amount_minor, o->amount_minor > 0);
+    ok = ok && json_put_text(e, "payment_status", o->payment_status);
+    ok = ok && json_put_text(e, "reason", t_reason);
+    ok = ok && json_put_text(e, "card_type", t_card_type);
+    ok = ok && json_put_text(e, "card_last4", last4);
+    ok = ok && json_put_int(e, "next_check_ms", (int64_t)o->next_check_in_ms, true);
+    ok = ok && json_put_text(e, "job_id", o->job_id);
+    ok = ok && json_put_text(e, "queue", o->queue);
+    ok = ok && json_put_text(e, "producer_id", o->producer_id);
+    ok = ok && json_put_text(e, "outcome", o->outcome);
+    ok = ok && json_put_text(e, "result", o->result);
+    ok = ok && json_put_text(e, "result_unapplied", o->result_unapplied);
+    ok = ok && json_put_int(e, "attempts", o->attempts, true);
+    ok = ok && json_put_int(e, "deliveries", o->deliveries, true);
+    ok = ok && json_put_text(e, "last_error", t_last_error);
+    ok = ok && json_put_text(e, "worker", o->worker_id);
+    ok = ok && json_put_int(e, "enqueued_ms", (int64_t)o->enqueued_ms, o->enqueued_ms != 0);
+    free(t_reason);
+    free(t_card_type);
+    free(t_last_error);
+    if (!ok) {
+        json_decref(e);
+        return NULL;
+    }
+    return e;
+}
+
+/* Reads one row of settle_apply_outcomes() into the job it names. */
+static int apply_row_read(struct session *ss, const PGresult *res, int row, struct store_apply *a,
+                          size_t n)
+{
+    int64_t i;
+    bool drop;
+
+    if (parse_i64(PQgetvalue(res, row, 0), &i) != 0 || i < 0 || (size_t)i >= n ||
+        a[i].status != 1) {
+        err_set(ss->err, ss->err_len, "postgresql: ", "unexpected row from settle_apply_outcomes");
+        return SETTLE_EINTERNAL;
+    }
+    if (!PQgetisnull(res, row, 3)) {
+        /* The job's own statements failed and were rolled back alone: classified as the
+         * error of a single-job transaction would be (a constraint is permanent, a deadlock
+         * transient). Its connection is fine: the batch went on. */
+        char prefix[32];
+        snprintf(prefix, sizeof(prefix), "SQLSTATE %.5s: ", PQgetvalue(res, row, 3));
+        err_set(a[i].err, sizeof(a[i].err), prefix, PQgetvalue(res, row, 4));
+        a[i].status = sqlstate_classify(PQgetvalue(res, row, 3), &drop);
+        return 0;
+    }
+    a[i].applied = PQgetvalue(res, row, 1)[0] == 't';
+    copy_text(a[i].status_after, sizeof(a[i].status_after), PQgetvalue(res, row, 2));
+    /* 2: applied inside the transaction; final once COMMIT returned. */
+    a[i].status = 2;
+    return 0;
+}
+
+int store_apply_outcomes_work(struct store *s, struct store_apply *a, size_t n)
+{
+    char err[STORE_ERR_MAX] = "";
+    const char *params[1] = {NULL};
+    struct session ss = {0};
+    PGresult *res = NULL;
+    json_t *batch = NULL;
+    char *text = NULL;
+    size_t sent = 0;
+    int rc = 0;
+
+    if (s == NULL || a == NULL || n == 0 || n > STORE_BATCH_MAX)
+        return SETTLE_EINVAL;
+    batch = json_array();
+    if (batch == NULL) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    /* Status 1 marks "sent, no answer yet" while the batch runs. */
+    for (size_t i = 0; i < n; i++) {
+        a[i].applied = false;
+        a[i].status_after[0] = '\0';
+        a[i].err[0] = '\0';
+        a[i].status =
+            a[i].o != NULL ? outcome_check(a[i].o, a[i].err, sizeof(a[i].err)) : SETTLE_EINVAL;
+        if (a[i].status != 0)
+            continue;
+        json_t *e = outcome_json(a[i].o, i);
+        if (e == NULL || json_array_append_new(batch, e) != 0) {
+            a[i].status = SETTLE_ENOMEM;
+            continue;
+        }
+        a[i].status = 1;
+        sent++;
+    }
+    if (sent == 0)
+        goto out;
+    text = json_dumps(batch, JSON_COMPACT);
+    if (text == NULL) {
+        rc = SETTLE_ENOMEM;
+        goto out;
+    }
+    params[0] = text;
+    rc = session_open(s, &ss, err, sizeof(err));
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc != 0)
+        goto out;
+    /* Every outcome of the batch, each in its own savepoint (ops/sql/004_outcome_batch.sql). */
+    rc = exec_params(&ss,
+                     "SELECT o_i, o_changed, o_status, o_sqlstate, o_message "
+                     "FROM settle_apply_outcomes($1::jsonb)",
+                     1, params, &res);
+    if (rc != 0)
+        goto out;
+    for (int row = 0; row < PQntuples(res) && rc == 0; row++)
+        rc = apply_row_read(&ss, res, row, a, n);
+    if (rc == 0)
+        rc = tx_commit(&ss);
+out:
+    for (size_t i = 0; i < n; i++) {
+        if (a[i].status == 2 && rc == 0) {
+            a[i].status = 0;
+        } else if (a[i].status == 1 || a[i].status == 2) {
+            /* No answer for this job, or its answer was not committed. */
+            a[i].applied = false;
+            a[i].status_after[0] = '\0';
+            a[i].status = rc != 0 ? rc : SETTLE_EINTERNAL;
+            copy_text(a[i].err, sizeof(a[i].err),
+                      err[0] != '\0' ? err : settle_strerror(a[i].status));
+        }
+    }
+    PQclear(res);
+    session_close(&ss);
+    json_decref(batch);
+    free(text);
+    return rc;
+}
+
 int store_apply_outcome_work(struct store *s, const struct store_outcome *o, bool *applied,
                              char *status_after, char *err, size_t err_len)
 {
-    struct outcome_text t = {0};
-    struct session ss = {0};
-    char status[STORE_STATUS_MAX] = "";
-    bool changed = false, oom = false;
+    struct store_apply *a = calloc(1, sizeof(*a));
     int rc;
 
     if (err != NULL && err_len > 0)
@@ -1126,75 +1331,24 @@ int store_apply_outcome_work(struct store *s, const struct store_outcome *o, boo
         *applied = false;
     if (status_after != NULL)
         status_after[0] = '\0';
+    if (a == NULL)
+        return SETTLE_ENOMEM;
     if (s == NULL || o == NULL) {
-        rc = SETTLE_EINVAL;
-        goto out;
+        free(a);
+        return SETTLE_EINVAL;
     }
-    rc = outcome_check(o, err, err_len);
-    if (rc != 0)
-        goto out;
-    t.reason = text_dup_clean(
-        o->action == STORE_ACTION_EXPIRE && o->reason == NULL ? EXPIRE_REASON_DEFAULT : o->reason,
-        &oom);
-    t.card_type = text_dup_clean(o->card_type, &oom);
-    t.last_error = text_dup_clean(o->last_error, &oom);
-    if (oom) {
-        rc = SETTLE_ENOMEM;
-        goto out;
+    a->o = o;
+    store_apply_outcomes_work(s, a, 1);
+    rc = a->status;
+    if (rc == 0) {
+        if (applied != NULL)
+            *applied = a->applied;
+        if (status_after != NULL)
+            memcpy(status_after, a->status_after, STORE_STATUS_MAX);
+    } else if (err != NULL && err_len > 0) {
+        copy_text(err, err_len, a->err);
     }
-    /* Only ever the last four digits: anything else (a full PAN included) is dropped. */
-    if (o->card_last4 != NULL && strlen(o->card_last4) == 4 &&
-        strspn(o->card_last4, "0123456789") == 4)
-        t.card_last4 = o->card_last4;
-
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
-    if (rc != 0)
-        goto out;
-    switch (o->action) {
-    case STORE_ACTION_NONE:
-        break;
-    case STORE_ACTION_COMPLETE:
-        rc = outcome_complete(&ss, o, &t, &changed);
-        break;
-    case STORE_ACTION_FAIL:
-        rc = outcome_close(&ss, o, &t, "FAILED", t.reason, &changed);
-        break;
-    case STORE_ACTION_EXPIRE:
-        rc = outcome_close(&ss, o, &t, "EXPIRED", t.reason, &changed);
-        break;
-    case STORE_ACTION_MANUAL_REVIEW:
-        rc = outcome_close(&ss, o, &t, "MANUAL_REVIEW", t.reason, &changed);
-        break;
-    case STORE_ACTION_RESCHEDULE:
-        rc = outcome_reschedule(&ss, o, &changed);
-        break;
-    default:
-        fprintf(stderr, "%s:%d: unknown store action %d\n", __FILE__, __LINE__, (int)o->action);
-        abort();
-    }
-    /* A transition that did not happen (the order had moved on) is logged as such. */
-    if (rc == 0 && o->job_id != NULL)
-        rc =
-            job_log_insert(&ss, o, &t,
-                           !changed && o->action != STORE_ACTION_NONE && o->result_unapplied != NULL
-                               ? o->result_unapplied
-                               : o->result);
-    if (rc == 0 && o->order_id != NULL)
-        rc = order_status_read(&ss, o->order_id, status, sizeof(status));
-    if (rc == 0)
-        rc = tx_commit(&ss);
-    if (rc != 0)
-        goto out;
-    if (applied != NULL)
-        *applied = changed;
-    if (status_after != NULL)
-        memcpy(status_after, status, sizeof(status));
-out:
-    session_close(&ss);
-    outcome_text_free(&t);
+    free(a);
     return rc;
 }
 
@@ -1795,52 +1949,6 @@ static int column_int(struct session *ss, const PGresult *res, int row, int col,
         return SETTLE_EPARSE;
     }
     return 0;
-}
-
-/*
- * A PostgreSQL array literal ({"a","b",NULL}) of n values for an ANY() or unnest()
- * parameter: NULL entries become SQL NULLs, '"' and '\' are escaped, and bytes that are not
- * valid UTF-8 become '?', so one odd value cannot make PostgreSQL refuse a whole batch.
- * malloc'd; NULL on allocation failure.
- */
-static char *array_literal(const char *const *v, size_t n)
-{
-    size_t cap = 3;
-    for (size_t i = 0; i < n; i++)
-        cap += v[i] != NULL ? 2 * strlen(v[i]) + 3 : 5;
-    char *out = malloc(cap);
-    if (out == NULL)
-        return NULL;
-    size_t o = 0;
-    out[o++] = '{';
-    for (size_t i = 0; i < n; i++) {
-        if (i > 0)
-            out[o++] = ',';
-        if (v[i] == NULL) {
-            memcpy(out + o, "NULL", 4);
-            o += 4;
-            continue;
-        }
-        out[o++] = '"';
-        size_t len = strlen(v[i]);
-        for (size_t k = 0; k < len;) {
-            size_t sl = utf8_seq_len((const unsigned char *)v[i] + k, len - k);
-            if (sl == 0) {
-                out[o++] = '?';
-                k++;
-                continue;
-            }
-            if (sl == 1 && (v[i][k] == '"' || v[i][k] == '\\'))
-                out[o++] = '\\';
-            memcpy(out + o, v[i] + k, sl);
-            o += sl;
-            k += sl;
-        }
-        out[o++] = '"';
-    }
-    out[o++] = '}';
-    out[o] = '\0';
-    return out;
 }
 
 /* Decimal text of n int64 values (NULL where absent[i]), kept alive for array_literal. */

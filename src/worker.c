@@ -180,7 +180,7 @@ struct wjob {
     char status_after[STORE_STATUS_MAX];
 
     /* Refund jobs only. d.detail and d.attempt_failed are kept in step with rd, because
-     * finishing (job_finish, store_work) reads them for every kind of job. */
+     * finishing (job_finish, job_outcome) reads them for every kind of job. */
     char refund_id[REFUND_ID_MAX + 1];
     struct refund_progress rpr;
     struct refund_decision rd;
@@ -192,6 +192,8 @@ struct wjob {
     char conflict_error[GATEWAY_ERROR_MAX]; /* the 409 that led to RESOLVING */
     bool restock_failed;
     int restock_status; /* the failed restock's error */
+
+    struct wjob *db_next; /* the worker's load or store FIFO while waiting for a batch */
 
     enum finish_op finish;
     uint64_t finish_delay_ms;
@@ -214,6 +216,33 @@ struct wqueue {
     bool dry;
     unsigned reserved;     /* slots asked for by an outstanding claim */
     uv_timer_t wake_timer; /* claims again when a delayed job falls due or after an error */
+};
+
+/* A first-in first-out list of jobs, linked through wjob.db_next. */
+struct wjob_fifo {
+    struct wjob *head, *tail;
+    unsigned n;
+};
+
+/* Which PostgreSQL step a batch serves. */
+enum db_kind {
+    DB_LOAD = 0, /* LOADING: read the orders */
+    DB_STORE,    /* STORING: write the outcomes */
+};
+
+/* One batched PostgreSQL step: up to SETTLE_DB_BATCH jobs, one pool work, one transaction.
+ * The loop fills it and reads it back; the pool thread touches only the store_* arrays. */
+struct db_batch {
+    uv_work_t work;
+    struct worker *w;
+    bool busy;
+    enum db_kind kind;
+    unsigned n;
+    struct wjob *jobs[STORE_BATCH_MAX];
+    struct store_load load[STORE_BATCH_MAX];
+    struct store_apply apply[STORE_BATCH_MAX];
+    struct store_outcome outcome[STORE_BATCH_MAX];
+    char last4[STORE_BATCH_MAX][5];
 };
 
 struct worker_counters {
@@ -250,6 +279,12 @@ struct worker {
 
     struct wjob *jobs; /* in-flight list head */
     unsigned in_flight;
+
+    /* PostgreSQL batches (see "PostgreSQL batches" below): jobs waiting to be loaded or
+     * stored, in arrival order, and the preallocated batches (db_busy of them out). */
+    struct wjob_fifo load_wait, store_wait;
+    struct db_batch *db;
+    unsigned db_slots, db_busy;
     unsigned state_count[JOB_STATE_COUNT];
     struct worker_counters counters;
 
@@ -290,6 +325,7 @@ static void arm_wake(struct wqueue *q, uint64_t delay_ms);
 static void job_finish(struct wjob *j);
 static void job_store(struct wjob *j);
 static void worker_close(struct worker *w);
+static void db_wait(struct wjob *j, enum db_kind kind);
 
 static uint64_t now_ms(const struct worker *w)
 {
@@ -528,15 +564,18 @@ static void finish_with_retry(struct wjob *j, uint64_t delay_ms, bool consume, b
 }
 
 /* ---------------------------------------------------------------------------------------------
- * STORING: one PostgreSQL transaction with the order change and the job_log row.
+ * STORING: the order change and the job_log row, in one PostgreSQL transaction (shared with
+ * the other jobs of its batch, each in its own savepoint).
  */
-static void store_work(uv_work_t *req)
+
+/* The outcome to write for job j. Its strings point into j (and last4, 5 bytes), which
+ * outlive the batch. */
+static void job_outcome(const struct wjob *j, struct store_outcome *o, char *last4)
 {
-    struct wjob *j = req->data;
-    struct store_outcome *o = &(struct store_outcome){0};
     const struct config *cfg = j->w->cfg;
-    char last4[5] = "";
     size_t n = strlen(j->gw.tx.card_no_masked);
+    memset(o, 0, sizeof(*o));
+    last4[0] = '\0';
     if (n >= 4)
         memcpy(last4, j->gw.tx.card_no_masked + n - 4, 5);
 
@@ -600,14 +639,11 @@ static void store_work(uv_work_t *req)
         o->card_last4 = last4[0] != '\0' ? last4 : NULL;
         o->amount_minor = j->gw.tx.amount_minor;
     }
-    j->work_err[0] = '\0';
-    j->work_status = store_apply_outcome_work(j->w->store, o, &j->applied, j->status_after,
-                                              j->work_err, sizeof(j->work_err));
 }
 
-static void after_store(uv_work_t *req, int status)
+/* The job's outcome transaction returned (work_status, applied, status_after are set). */
+static void store_done(struct wjob *j, int status)
 {
-    struct wjob *j = req->data;
     if (job_drop_if_abandoned(j))
         return;
     if (status == UV_ECANCELED)
@@ -635,7 +671,7 @@ static void after_store(uv_work_t *req, int status)
         j->finish = FINISH_BURY;
         /* Write the dead job's log row (no order change) before burying it; the job is in
          * STORING already, so this is another run of the same step, not a transition. */
-        uv_queue_work(j->w->loop, &j->work, store_work, after_store);
+        db_wait(j, DB_STORE);
         return;
     }
     if (j->d.verdict == RECONCILE_RECHECK) {
@@ -662,7 +698,7 @@ static void after_store(uv_work_t *req, int status)
 static void job_store(struct wjob *j)
 {
     job_set_state(j, JOB_STORING);
-    uv_queue_work(j->w->loop, &j->work, store_work, after_store);
+    db_wait(j, DB_STORE);
 }
 
 /* A job's end that needs a job_log row: DEAD (bury after logging) or a finished outcome. */
@@ -913,19 +949,12 @@ static void after_query(uv_work_t *req, int status)
 }
 
 /* ---------------------------------------------------------------------------------------------
- * LOADING: read the order on a pool thread.
+ * LOADING: read the order (in a batch with other jobs' orders).
  */
-static void load_work(uv_work_t *req)
-{
-    struct wjob *j = req->data;
-    j->work_err[0] = '\0';
-    j->work_status = store_load_order_work(j->w->store, j->job.order_id, &j->order, j->work_err,
-                                           sizeof(j->work_err));
-}
 
-static void after_load(uv_work_t *req, int status)
+/* The job's order read returned (work_status and order are set). */
+static void load_done(struct wjob *j, int status)
 {
-    struct wjob *j = req->data;
     struct worker *w = j->w;
     if (job_drop_if_abandoned(j))
         return;
@@ -952,6 +981,135 @@ static void after_load(uv_work_t *req, int status)
     j->breaker_admitted = true;
     job_set_state(j, JOB_QUERYING);
     uv_queue_work(w->loop, &j->work, query_work, after_query);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * PostgreSQL batches.
+ *
+ * A job that needs its order read (LOADING) or its outcome written (STORING) waits in a FIFO.
+ * Whenever fewer than db_slots batches are out, db_kick hands the waiting jobs, up to
+ * SETTLE_DB_BATCH at a time and writes first (they free capacity), to one pool work: one
+ * read-only transaction for the loads, one transaction for the writes. No timer holds a job
+ * back: at light load a batch holds one job, and under load jobs gather while the out batches
+ * run (group commit), which is where the round trips, plans and COMMITs are saved.
+ *
+ * Why it is safe: a load is a read from one snapshot, as before. A write runs, for each job,
+ * the same guarded statements as before in its own savepoint, so its effects and idempotency
+ * are unchanged and a job the database refuses fails alone; a job's result is acted on (and
+ * acknowledged in Redis) only after the COMMIT that holds it returned, so PostgreSQL still
+ * records an outcome before Redis forgets the job. A failed or unknown COMMIT fails every job
+ * of the batch the way a single job's failed transaction did (retried without spending an
+ * attempt; a redelivery converges).
+ */
+static void fifo_push(struct wjob_fifo *f, struct wjob *j)
+{
+    j->db_next = NULL;
+    if (f->tail != NULL)
+        f->tail->db_next = j;
+    else
+        f->head = j;
+    f->tail = j;
+    f->n++;
+}
+
+static struct wjob *fifo_pop(struct wjob_fifo *f)
+{
+    struct wjob *j = f->head;
+    if (j == NULL)
+        return NULL;
+    f->head = j->db_next;
+    if (f->head == NULL)
+        f->tail = NULL;
+    j->db_next = NULL;
+    f->n--;
+    return j;
+}
+
+static void db_batch_work(uv_work_t *req)
+{
+    struct db_batch *b = req->data;
+    if (b->kind == DB_LOAD)
+        store_load_orders_work(b->w->store, b->load, b->n);
+    else
+        store_apply_outcomes_work(b->w->store, b->apply, b->n);
+}
+
+static void db_kick(struct worker *w);
+
+static void after_db_batch(uv_work_t *req, int status)
+{
+    struct db_batch *b = req->data;
+    struct worker *w = b->w;
+    struct wjob *jobs[STORE_BATCH_MAX];
+    enum db_kind kind = b->kind;
+    unsigned n = b->n;
+
+    /* Copy the answers into the jobs and free the batch before any job moves on: a job's
+     * next step may queue it (or another job) for the next batch. */
+    for (unsigned i = 0; i < n; i++) {
+        struct wjob *j = b->jobs[i];
+        jobs[i] = j;
+        if (kind == DB_LOAD) {
+            j->work_status = b->load[i].status;
+            copy_text(j->work_err, sizeof(j->work_err), b->load[i].err);
+        } else {
+            j->work_status = b->apply[i].status;
+            copy_text(j->work_err, sizeof(j->work_err), b->apply[i].err);
+            j->applied = b->apply[i].applied;
+            copy_text(j->status_after, sizeof(j->status_after), b->apply[i].status_after);
+        }
+    }
+    b->busy = false;
+    b->n = 0;
+    w->db_busy--;
+    for (unsigned i = 0; i < n; i++) {
+        if (kind == DB_LOAD)
+            load_done(jobs[i], status);
+        else
+            store_done(jobs[i], status);
+    }
+    db_kick(w);
+}
+
+/* Sends the waiting jobs out in batches while batch slots are free. */
+static void db_kick(struct worker *w)
+{
+    while (w->db_busy < w->db_slots && (w->store_wait.n > 0 || w->load_wait.n > 0)) {
+        struct db_batch *b = NULL;
+        for (unsigned i = 0; i < w->db_slots && b == NULL; i++)
+            if (!w->db[i].busy)
+                b = &w->db[i];
+        if (b == NULL)
+            abort(); /* db_busy counts the busy slots: one is free */
+        b->kind = w->store_wait.n > 0 ? DB_STORE : DB_LOAD;
+        struct wjob_fifo *f = b->kind == DB_STORE ? &w->store_wait : &w->load_wait;
+        unsigned max = w->cfg->db_batch < STORE_BATCH_MAX ? w->cfg->db_batch : STORE_BATCH_MAX;
+        b->n = 0;
+        while (b->n < max && f->n > 0) {
+            struct wjob *j = fifo_pop(f);
+            unsigned i = b->n++;
+            b->jobs[i] = j;
+            if (b->kind == DB_LOAD) {
+                memset(&j->order, 0, sizeof(j->order));
+                b->load[i] = (struct store_load){.order_id = j->job.order_id, .order = &j->order};
+            } else {
+                job_outcome(j, &b->outcome[i], b->last4[i]);
+                b->apply[i] = (struct store_apply){.o = &b->outcome[i]};
+            }
+        }
+        b->busy = true;
+        w->db_busy++;
+        metrics_db_batch(w->metrics, b->kind == DB_LOAD ? "load" : "store", b->n);
+        uv_queue_work(w->loop, &b->work, db_batch_work, after_db_batch);
+    }
+}
+
+/* Queues job j for the next batch of its kind. */
+static void db_wait(struct wjob *j, enum db_kind kind)
+{
+    struct worker *w = j->w;
+    fifo_push(kind == DB_LOAD ? &w->load_wait : &w->store_wait, j);
+    db_kick(w);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1453,7 +1611,7 @@ static void job_start(struct wjob *j)
         return;
     }
     job_set_state(j, JOB_LOADING);
-    uv_queue_work(w->loop, &j->work, load_work, after_load);
+    db_wait(j, DB_LOAD);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -2062,6 +2220,16 @@ int worker_run(const struct config *cfg)
         log_error("could not create the PostgreSQL pool");
         goto out_free;
     }
+    /* Half of the connections serve batches, so refunds' own transactions, the scheduler
+     * and the health check always find one; the batches grow instead (group commit). */
+    w->db_slots = cfg->db_pool_size > 1 ? (cfg->db_pool_size + 1) / 2 : 1;
+    w->db = calloc(w->db_slots, sizeof(*w->db));
+    if (w->db == NULL)
+        goto out_free;
+    for (unsigned i = 0; i < w->db_slots; i++) {
+        w->db[i].w = w;
+        w->db[i].work.data = &w->db[i];
+    }
 
     if (metrics_create(&w->metrics, SETTLE_VERSION, cfg->concurrency) != 0)
         goto out_free;
@@ -2164,6 +2332,7 @@ out_free:
     metrics_destroy(w->metrics);
     gateway_destroy(w->gateway);
     store_destroy(w->store);
+    free(w->db);
     free(w);
     return ret;
 }

@@ -39,6 +39,7 @@ struct config {
     unsigned concurrency;   /* SETTLE_CONCURRENCY, jobs in flight per process, 1..1024 */
     unsigned claim_batch;   /* SETTLE_CLAIM_BATCH, jobs taken per claim, 1..1000 */
     unsigned db_pool_size;  /* SETTLE_DB_POOL_SIZE, PostgreSQL connections, 1..256 */
+    unsigned db_batch;      /* SETTLE_DB_BATCH, jobs per load / outcome transaction, 1..64 */
     uint64_t job_max_bytes; /* SETTLE_JOB_MAX_BYTES, default 65536 */
 
     /* Gateway (seed 001). */

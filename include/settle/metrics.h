@@ -37,6 +37,8 @@ void metrics_dead_lettered(struct metrics *m, const char *queue, const char *rea
 void metrics_gateway_request(struct metrics *m, const char *endpoint, const char *cls,
                              double seconds);
 /* state: 0 closed, 1 open, 2 half-open; to (may be NULL) counts a transition. */
+/* One PostgreSQL batch of `jobs` jobs went out; step is "load" or "store". */
+void metrics_db_batch(struct metrics *m, const char *step, unsigned jobs);
 void metrics_breaker(struct metrics *m, const char *endpoint, int state, const char *to);
 void metrics_reservations_reaped(struct metrics *m, unsigned n);
 void metrics_stock_mismatches(struct metrics *m, unsigned n);

@@ -75,6 +75,26 @@ struct store_order {
 int store_load_order_work(struct store *s, const char *order_id, struct store_order *out, char *err,
                           size_t err_len);
 
+/* The most jobs one batched load or outcome write takes (SETTLE_DB_BATCH is capped here). */
+#define STORE_BATCH_MAX 64
+
+/* One order of a batched load. */
+struct store_load {
+    const char *order_id;      /* in */
+    struct store_order *order; /* out, filled when status == 0 */
+    int status;                /* out: 0 or this order's error, as store_load_order_work */
+    char err[STORE_ERR_MAX];   /* out: the error's text */
+};
+
+/*
+ * Loads n (1..STORE_BATCH_MAX) orders in one read-only REPEATABLE READ transaction: two
+ * statements (orders with their payments, then every item) for the whole batch, so each
+ * order is read from the same snapshot, as store_load_order_work reads one. Every l[i] gets
+ * its own status; a failure of the transaction itself is given to every order. Returns 0
+ * when the transaction ran (some orders may still be missing), else that failure.
+ */
+int store_load_orders_work(struct store *s, struct store_load *l, size_t n);
+
 enum store_action {
     STORE_ACTION_NONE = 0,          /* only the job_log row */
     STORE_ACTION_COMPLETE = 1,      /* PENDING -> COMPLETED, payment SUCCESS, stock -= items */
@@ -118,6 +138,25 @@ struct store_outcome {
  */
 int store_apply_outcome_work(struct store *s, const struct store_outcome *o, bool *applied,
                              char *status_after, char *err, size_t err_len);
+
+/* One job of a batched outcome write. */
+struct store_apply {
+    const struct store_outcome *o;       /* in */
+    int status;                          /* out: 0 or this job's error */
+    bool applied;                        /* out: the order transition happened */
+    char status_after[STORE_STATUS_MAX]; /* out: the order's status after the transaction */
+    char err[STORE_ERR_MAX];             /* out: the error's text */
+};
+
+/*
+ * Applies n (1..STORE_BATCH_MAX) outcomes in one transaction through settle_apply_outcomes()
+ * (ops/sql/004_outcome_batch.sql): each job runs the same guarded statements as a single one
+ * would, in its own savepoint, so a job the database refuses (a constraint: SETTLE_EREJECTED;
+ * a deadlock: SETTLE_EUNAVAILABLE) is rolled back alone and reported in its a[i].status while
+ * the others commit. A failed or unknown COMMIT is given to every job (nothing of the batch
+ * may be acknowledged; retrying it is harmless). Returns 0 when the transaction committed.
+ */
+int store_apply_outcomes_work(struct store *s, struct store_apply *a, size_t n);
 
 struct store_product {
     char sku[STORE_SKU_MAX + 1];

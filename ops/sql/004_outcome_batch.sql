@@ -1,0 +1,155 @@
+-- 004_outcome_batch.sql - the outcome of many jobs in one transaction (issue 6).
+--
+-- Contract: as in 001_init.sql (applied once by store_migrate() in its own transaction under
+-- the migration lock; no transaction control; never edited once shipped; money in bigint
+-- minor units; statuses as CHECKed closed sets; no card data).
+--
+-- settle_apply_outcomes() carries out, for each job of a batch, exactly the guarded statements
+-- src/store.c used to send one by one: the order leaves PENDING only if it is still PENDING
+-- (a callback handler that got there first wins), stock is taken and the payment recorded
+-- only when the order did move, the job_log row is ON CONFLICT (job_id) DO NOTHING, and the
+-- order's status after the job is reported. So a redelivered job changes nothing, exactly as
+-- before. What changes is the cost: one call and one COMMIT for up to SETTLE_DB_BATCH jobs,
+-- and PL/pgSQL keeps each statement's plan for the life of the connection.
+--
+-- Each job runs in its own sub-block (a savepoint). A job whose statements fail (CHECK
+-- (stock >= 0) refusing an oversell, a deadlock, ...) is rolled back alone and reported with
+-- its SQLSTATE and message; the caller classifies it exactly as it classifies the error of a
+-- single-job transaction. The other jobs commit together. Nothing is acknowledged in Redis
+-- before the caller's COMMIT returned, so a failed or unknown COMMIT is a retry of the whole
+-- batch, which converges because every statement is guarded.
+--
+-- Deadlocks: before any write, the products of every completing order of the batch are
+-- locked in one statement, in sku order (refunds lock an order's products in sku order too),
+-- so two batches sharing products queue up instead of deadlocking. A deadlock that still
+-- happens (40P01) is reported for the job it hit and retried without spending an attempt.
+--
+-- Input: a jsonb array of objects, one per job:
+--   i               integer, the caller's index, echoed back
+--   action          'none' | 'complete' | 'fail' | 'expire' | 'manual_review' | 'reschedule'
+--   order_id        text (NULL only with 'none')
+--   transaction_key, payment_status, reason, card_type, card_last4: text or NULL
+--   amount_minor    bigint or NULL (NULL: the order's amount)
+--   next_check_ms   bigint ('reschedule')
+--   job_id          text or NULL (NULL: no job_log row, e.g. a re-check)
+--   queue, producer_id, outcome, result, result_unapplied, last_error, worker: text
+--   attempts, deliveries: integer; enqueued_ms: bigint or NULL
+-- Output: one row per job: (i, changed, status_after, sqlstate, message); sqlstate NULL when
+-- the job's statements succeeded.
+
+CREATE FUNCTION settle_payment_upsert(p_order text, p_tx text, p_amount bigint, p_status text,
+                                      p_reason text, p_card_type text, p_last4 text)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    -- Records the order's payment, but never moves a payment that already left PENDING. The
+    -- user and, when the PG gave none, the amount come from the order row.
+    INSERT INTO payments AS p (order_id, transaction_key, user_id, amount_minor, status, reason,
+                               card_type, card_last4)
+    SELECT o.id, p_tx, o.user_id, coalesce(p_amount, o.amount_minor), p_status, p_reason,
+           p_card_type, p_last4
+      FROM orders o WHERE o.id = p_order
+    ON CONFLICT (order_id) DO UPDATE SET
+           transaction_key = coalesce(EXCLUDED.transaction_key, p.transaction_key),
+           amount_minor = coalesce(p_amount, p.amount_minor),
+           status = EXCLUDED.status, reason = EXCLUDED.reason,
+           card_type = coalesce(EXCLUDED.card_type, p.card_type),
+           card_last4 = coalesce(EXCLUDED.card_last4, p.card_last4),
+           updated_at = now()
+     WHERE p.status = 'PENDING';
+END $$;
+
+CREATE FUNCTION settle_apply_outcomes(p_batch jsonb)
+RETURNS TABLE (o_i integer, o_changed boolean, o_status text, o_sqlstate text, o_message text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    v_final text;
+BEGIN
+    IF jsonb_typeof(p_batch) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'settle_apply_outcomes expects a jsonb array' USING ERRCODE = '22023';
+    END IF;
+    PERFORM 1 FROM products p
+     WHERE p.sku IN (SELECT i.sku FROM order_items i
+                      WHERE i.order_id IN (SELECT e->>'order_id'
+                                             FROM jsonb_array_elements(p_batch) e
+                                            WHERE e->>'action' = 'complete'))
+     ORDER BY p.sku FOR UPDATE OF p;
+
+    FOR r IN SELECT * FROM jsonb_to_recordset(p_batch) AS x(
+                 i integer, action text, order_id text, transaction_key text,
+                 amount_minor bigint, payment_status text, reason text, card_type text,
+                 card_last4 text, next_check_ms bigint, job_id text, queue text,
+                 producer_id text, outcome text, result text, result_unapplied text,
+                 attempts integer, deliveries integer, last_error text, worker text,
+                 enqueued_ms bigint)
+    LOOP
+        o_i := r.i;
+        o_changed := false;
+        o_status := NULL;
+        o_sqlstate := NULL;
+        o_message := NULL;
+        BEGIN
+            IF r.action = 'complete' THEN
+                UPDATE orders SET status = 'COMPLETED', completed_at = now(),
+                       updated_at = now(), failure_reason = NULL
+                 WHERE id = r.order_id AND status = 'PENDING';
+                IF FOUND THEN
+                    o_changed := true;
+                    -- CHECK (stock >= 0) refuses an oversell: this job alone rolls back.
+                    UPDATE products p SET stock = p.stock - i.qty, updated_at = now()
+                      FROM order_items i
+                     WHERE i.order_id = r.order_id AND p.sku = i.sku;
+                    PERFORM settle_payment_upsert(r.order_id, r.transaction_key,
+                                                  r.amount_minor, 'SUCCESS', NULL,
+                                                  r.card_type, r.card_last4);
+                END IF;
+            ELSIF r.action IN ('fail', 'expire', 'manual_review') THEN
+                v_final := CASE r.action WHEN 'fail' THEN 'FAILED'
+                                         WHEN 'expire' THEN 'EXPIRED'
+                                         ELSE 'MANUAL_REVIEW' END;
+                UPDATE orders SET status = v_final, failure_reason = r.reason,
+                       updated_at = now()
+                 WHERE id = r.order_id AND status = 'PENDING';
+                IF FOUND THEN
+                    o_changed := true;
+                    IF r.action = 'fail' AND r.payment_status IS NOT NULL THEN
+                        PERFORM settle_payment_upsert(r.order_id, r.transaction_key,
+                                                      r.amount_minor, r.payment_status,
+                                                      r.reason, r.card_type, r.card_last4);
+                    END IF;
+                END IF;
+            ELSIF r.action = 'reschedule' THEN
+                UPDATE orders SET next_check_at = now() + r.next_check_ms
+                                                          * interval '1 millisecond',
+                       check_count = check_count + 1
+                 WHERE id = r.order_id AND status = 'PENDING';
+                o_changed := FOUND;
+            ELSIF r.action IS DISTINCT FROM 'none' THEN
+                RAISE EXCEPTION 'unknown outcome action %', r.action USING ERRCODE = '22023';
+            END IF;
+            IF r.job_id IS NOT NULL THEN
+                -- A transition that did not happen (the order had moved on) is logged so.
+                INSERT INTO job_log (job_id, queue, producer_id, order_id, outcome, result,
+                                     attempts, deliveries, last_error, worker, enqueued_at)
+                VALUES (r.job_id, r.queue, r.producer_id, r.order_id, r.outcome,
+                        CASE WHEN NOT o_changed AND r.action <> 'none'
+                                  AND r.result_unapplied IS NOT NULL
+                             THEN r.result_unapplied ELSE r.result END,
+                        r.attempts, r.deliveries, r.last_error, r.worker,
+                        to_timestamp(r.enqueued_ms::double precision / 1000))
+                ON CONFLICT (job_id) DO NOTHING;
+            END IF;
+            IF r.order_id IS NOT NULL THEN
+                SELECT status INTO o_status FROM orders WHERE id = r.order_id;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            -- query_canceled (statement_timeout) is not caught by OTHERS: it ends the whole
+            -- batch, which the caller retries.
+            o_changed := false;
+            o_status := NULL;
+            o_sqlstate := SQLSTATE;
+            o_message := SQLERRM;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END $$;

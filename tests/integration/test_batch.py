@@ -1,0 +1,142 @@
+"""test_batch.py - PostgreSQL batching (SETTLE_DB_BATCH) end to end: many reconcile jobs whose
+orders are read in shared read transactions and whose outcomes are written in shared
+transactions, one savepoint per job. What a user must see is exactly what one job per
+transaction gives: every order in its right state, stock taken once, one job_log row per job,
+and a job the database refuses (CHECK stock >= 0) dead-lettered alone while the rest of its
+batch commits. The settle_db_batch_jobs histogram shows whether batches really formed."""
+
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+Q = "reconcile"
+N_OK, N_FAILED, N_DONE = 30, 5, 3
+
+
+def scrape_histogram(w, name, **labels):
+    """{le: cumulative count} and the _count of one histogram series, from /metrics."""
+    body = harness.http("GET", f"http://{w.metrics_addr}/metrics", timeout=5).body.decode()
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    buckets, count = {}, None
+    for line in body.splitlines():
+        m = re.match(r'^(\w+)\{(.*)\} (\S+)$', line)
+        if not m:
+            continue
+        parts = set(re.findall(r'\w+="[^"]*"', m.group(2)))
+        if not want <= parts:
+            continue
+        if m.group(1) == name + "_bucket":
+            le = re.search(r'le="([^"]*)"', m.group(2)).group(1)
+            buckets[le] = float(m.group(3))
+        elif m.group(1) == name + "_count":
+            count = float(m.group(3))
+    return buckets, count
+
+
+def prepare(c):
+    """Orders of every kind pushed as jobs before the worker starts, so they are claimed,
+    loaded and stored together. Returns {order_id: expected (status, job_log result)}."""
+    c.add_product("sku-m", 1000)
+    c.add_product("sku-low", 5)
+    expect, jobs, reserve = {}, [], {}
+
+    def job(oid, status, **tx):
+        key = c.tx_key_of(c.admin_create_tx(user_id="u1", order_id=oid, amount=1000,
+                                            status=status, **tx))
+        jobs.append({"order_id": oid, "user_id": "u1", "transaction_key": key})
+
+    for i in range(N_OK):
+        oid = f"ok-{i:02d}"
+        c.add_order(oid, "u1", 1000, {"sku-m": 1})
+        job(oid, "SUCCESS")
+        expect[oid] = ("COMPLETED", "completed")
+        reserve[oid] = {"sku-m": 1}
+    for i in range(N_FAILED):
+        oid = f"fl-{i:02d}"
+        c.add_order(oid, "u1", 1000, {"sku-m": 2})
+        job(oid, "FAILED", reason="LIMIT_EXCEEDED")
+        expect[oid] = ("FAILED", "failed")
+        reserve[oid] = {"sku-m": 2}
+    for i in range(N_DONE):
+        # A callback handler finished these first: respected, logged as skipped.
+        oid = f"done-{i:02d}"
+        c.add_order(oid, "u1", 1000, {"sku-m": 1}, status="COMPLETED")
+        job(oid, "SUCCESS")
+        expect[oid] = ("COMPLETED", "skipped")
+    c.add_order("bad-00", "u1", 1000, {"sku-low": 1, "sku-m": 1})
+    job("bad-00", "SUCCESS")
+    expect["bad-00"] = ("PENDING", "store_rejected")
+    reserve["bad-00"] = {"sku-low": 1, "sku-m": 1}
+    c.stock_load()
+    for oid, items in reserve.items():
+        r = c.reserve(oid, items)
+        assert r.returncode == 0, r.stdout + r.stderr
+    # PostgreSQL now holds fewer sku-low units than Redis promised: completing bad-00 breaks
+    # CHECK (stock >= 0), which must refuse that one job and nothing else.
+    c.sql("UPDATE products SET stock = 0 WHERE sku = 'sku-low'")
+    for j in jobs:
+        c.push_job(Q, j)
+    return expect
+
+
+def run(c, batch):
+    expect = prepare(c)
+    env = c.env_for_worker(SETTLE_DB_BATCH=str(batch), SETTLE_DB_POOL_SIZE="2",
+                           SETTLE_CONCURRENCY="64", SETTLE_CLAIM_BATCH="64")
+    w = c.start_worker(env)
+
+    def finished():
+        d = c.queue_depths(Q)
+        return d["ready"] + d["delayed"] + d["inflight"] == 0 and d["dead"] == 1
+    harness.wait_until(finished, 30, what=f"all jobs finished, one dead: {c.queue_depths(Q)}")
+
+    statuses = dict(c.sql("SELECT id, status FROM orders"))
+    logs = {}
+    for r in c.job_log():
+        logs.setdefault(r["order_id"], []).append((r["outcome"], r["result"]))
+    for oid, (status, result) in expect.items():
+        assert statuses[oid] == status, (oid, statuses[oid], status)
+        outcome = "dead" if result == "store_rejected" else "done"
+        assert logs.get(oid) == [(outcome, result)], (oid, logs.get(oid))
+    # Stock taken exactly once per completed order: 30 x 1; the failed ones took none, the
+    # refused one rolled back alone, the callback-completed ones were never touched.
+    assert c.product_stock("sku-m") == 1000 - N_OK, c.product_stock("sku-m")
+    assert c.product_stock("sku-low") == 0
+    payments = dict(c.sql("SELECT order_id, status FROM payments"))
+    assert all(payments.get(f"ok-{i:02d}") == "SUCCESS" for i in range(N_OK)), payments
+    assert all(payments.get(f"fl-{i:02d}") == "FAILED" for i in range(N_FAILED)), payments
+    assert "bad-00" not in payments, payments
+    dead = c.dlq_entries()
+    assert len(dead) == 1 and dead[0]["reason"] == "store_rejected", dead
+    assert "23514" in dead[0]["error"], dead[0]
+    assert w.alive()
+    return w, len(expect)
+
+
+def test_batches_apply_each_job_as_one_transaction_would(c):
+    w, n_jobs = run(c, 32)
+    buckets, count = scrape_histogram(w, "settle_db_batch_jobs", step="load")
+    # One PostgreSQL batch slot (pool of 2): the first job is read alone, the rest wait for it
+    # and go together, at most 32 at a time.
+    assert count is not None and count < n_jobs, (buckets, count)
+    assert buckets["1"] < count, f"no load batch held more than one job: {buckets}"
+    buckets, count = scrape_histogram(w, "settle_db_batch_jobs", step="store")
+    assert count is not None and buckets["1"] < count, f"no multi-job store batch: {buckets}"
+    assert buckets["64"] == count and buckets["32"] == count, buckets
+    assert not w.bad_log_lines(), w.bad_log_lines()[:3]
+
+
+def test_batch_of_one_is_one_job_per_transaction(c):
+    w, n_jobs = run(c, 1)
+    buckets, count = scrape_histogram(w, "settle_db_batch_jobs", step="load")
+    assert count == n_jobs and buckets["1"] == count, (buckets, count)
+    buckets, count = scrape_histogram(w, "settle_db_batch_jobs", step="store")
+    # Every job is stored once, the refused one twice (its dead row after the refusal).
+    assert count == n_jobs + 1 and buckets["1"] == count, (buckets, count)
+
+
+if __name__ == "__main__":
+    harness.main(globals())
