@@ -11,6 +11,8 @@ attaches one tool to it for the measured window:
   perf      perf record --call-graph dwarf on the worker -> OUT/worker.data
   perfsys   perf record -a -g on the whole machine for 6 s -> OUT/system.data (PostgreSQL's
             share: parse/plan/execute/commit)
+  states    the worker's mean time per job in each state (its stop log line), at
+            --latency MS (0 by default; 20 is the R20 shape)
   timeline  no batch: the worker runs under strace -f -ttt and six jobs are pushed 0.3 s apart
             -> OUT/timeline.txt (one job's syscalls in order: every round trip is visible)
 
@@ -35,14 +37,17 @@ import fixtures
 harness = cluster.harness
 
 
-def batch(c, n, wrap):
+def batch(c, n, wrap, latency_ms=0, states=False):
     """Push n jobs (held), start a worker, attach wrap(pid) if given, release, wait until
-    all are acked (bounded), stop the tool and the worker. Returns the tool's output."""
+    all are acked (bounded), stop the tool and the worker. Returns the tool's output, or with
+    states the worker's own account of where a job's time went (its stop log line)."""
     c.reset()
-    c.set_latency(0)
+    c.set_latency(latency_ms)
     jobs, _ = fixtures.prep_reconcile(c, n, "p")
     fixtures.push(c, "reconcile", jobs)
-    w = c.start_worker(c.bench_env(queues="reconcile", concurrency=100), name="profiled")
+    extra = {"log_level": "info"} if states else {}
+    w = c.start_worker(c.bench_env(queues="reconcile", concurrency=100, **extra),
+                       name="profiled")
     tool = None
     try:
         harness.wait_until(lambda: int(c.redis.info("clients")["blocked_clients"]) >= 1, 30,
@@ -69,9 +74,12 @@ def batch(c, n, wrap):
                 tool.kill()
                 out = tool.communicate(timeout=10)[0].decode("utf-8", "replace")
         w.stop(timeout=30)
-    print(f"n={n} seconds={m['seconds']:.2f} jobs_per_s={n / m['seconds']:.0f} "
+    print(f"n={n} latency_ms={latency_ms} seconds={m['seconds']:.2f} "
+          f"jobs_per_s={n / m['seconds']:.0f} "
           f"worker_cpu_us_per_job={m['cpu_s']['worker'] * 1e6 / n:.0f} "
           f"pg_cpu_us_per_job={m['cpu_s']['pg'] * 1e6 / n:.0f}")
+    if states:
+        out = "\n".join(ln for ln in w.log_text().splitlines() if "mean ms per" in ln)
     return out
 
 
@@ -99,9 +107,11 @@ def timeline(c, out_dir):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["perfstat", "strace", "perf", "perfsys", "timeline"])
+    ap.add_argument("mode", choices=["perfstat", "strace", "perf", "perfsys", "timeline",
+                                         "states"])
     ap.add_argument("n", nargs="?", type=int, default=5000)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--latency", type=int, default=0, help="PG stub latency (states mode)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     c = cluster.BenchCluster(pgsim_args=["--latency-ms", "0-0"])
@@ -119,6 +129,8 @@ def main():
             batch(c, a.n, lambda pid: ["perf", "record", "-p", str(pid), "-F", "999",
                                        "--call-graph", "dwarf,16384", "-o",
                                        os.path.join(a.out, "worker.data")])
+        elif a.mode == "states":
+            print(batch(c, a.n, None, latency_ms=a.latency, states=True))
         elif a.mode == "perfsys":
             batch(c, a.n, lambda pid: ["perf", "record", "-a", "-F", "999", "-g", "-o",
                                        os.path.join(a.out, "system.data"), "--", "sleep", "6"])

@@ -846,7 +846,9 @@ class Suite:
                    "mode": "quick" if self.quick else "full", "runs": a.runs, "n": a.n,
                    "peer_n": a.peer_n, "peers": ",".join(a.peer_list) if a.peers_dir else "none",
                    "load1_at_start": f"{benchlib.load1():.2f}",
-                   "settle": cluster.settle_bin()})
+                   "settle": cluster.settle_bin(),
+                   "settle_env": ",".join(f"{k[6:]}={v}" for k, v in sorted(os.environ.items())
+                                          if k.startswith("BENCH_SETTLE_")) or "-"})
         self.start()
         want = set(a.only.split(",")) if a.only else None
 

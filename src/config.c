@@ -82,6 +82,8 @@ static const struct var vars[] = {
      "PostgreSQL connections; 0 = min(concurrency, 16)"},
     {"SETTLE_DB_BATCH", VAR_UINT, OFF(db_batch), "32", 1, 64, 0,
      "most jobs per order load and per outcome transaction; 1 = one job per transaction"},
+    {"SETTLE_DB_BATCH_CONCURRENCY", VAR_UINT, OFF(db_batch_concurrency), "2", 1, 256, 0,
+     "batched PostgreSQL transactions (loads and writes) in flight"},
     {"SETTLE_JOB_MAX_BYTES", VAR_U64, OFF(job_max_bytes), "65536", 128, 16777216, 0,
      "largest job accepted; larger ones go to the DLQ unparsed"},
     {"SETTLE_GATEWAY_CONNECT_TIMEOUT_MS", VAR_U64, OFF(gateway_connect_timeout_ms), "1000", 1,

@@ -8,8 +8,10 @@
  * guards only the slot table; a borrowed PGconn belongs to one thread until it is returned.
  * Owns: the copied conninfo, the slot table and every PGconn in it.
  *
- * SQL: PQexecParams with text parameters only (unnamed statements, so PgBouncer in
- * transaction pooling works); the one exception is the text of a shipped migration. Every
+ * SQL: PQexecParams (or PQsendQueryParams in a pipeline) with text parameters only (unnamed
+ * statements, so PgBouncer in transaction pooling works); the one exception is the text of a
+ * shipped migration. The batched order loads and outcome writes send a whole transaction as
+ * one libpq pipeline (tx_pipeline): one network flight per batch. Every
  * transaction opens with BEGIN and set_config('statement_timeout', $1, true), which is
  * SET LOCAL with a parameter. Every write is conditional (status = 'PENDING') or ON CONFLICT,
  * so running an outcome twice, or retrying after a COMMIT whose answer was lost, is harmless.
@@ -487,6 +489,115 @@ out:
     return rc;
 }
 
+/* One statement of a pipelined transaction (tx_pipeline). */
+struct pipe_stmt {
+    const char *sql;
+    int n_params;
+    const char *const *params;
+    PGresult *res; /* out: the statement's result, kept for the caller (who clears it) */
+};
+
+/* One flight of tx_pipeline; *failed_at is the index (0 = BEGIN) of the statement that failed. */
+static int pipeline_once(struct session *ss, const char *begin_sql, struct pipe_stmt *st, int n,
+                         int *failed_at)
+{
+    PGconn *conn = ss->slot->conn;
+    const char *timeout[1] = {ss->s->statement_timeout};
+    int total = n + 3, idx = 0, rc = 0;
+    bool synced = false;
+
+    *failed_at = -1;
+    if (PQenterPipelineMode(conn) != 1) {
+        err_set(ss->err, ss->err_len, "postgresql: ", PQerrorMessage(conn));
+        ss->broken = true;
+        *failed_at = 0;
+        return SETTLE_EUNAVAILABLE;
+    }
+    /* BEGIN, SET LOCAL statement_timeout (as a function, so it takes a parameter), the
+     * statements, COMMIT, and the Sync that ends the pipeline. */
+    bool sent = PQsendQueryParams(conn, begin_sql, 0, NULL, NULL, NULL, NULL, 0) == 1 &&
+                PQsendQueryParams(conn, "SELECT set_config('statement_timeout', $1, true)", 1, NULL,
+                                  timeout, NULL, NULL, 0) == 1;
+    for (int i = 0; i < n && sent; i++)
+        sent = PQsendQueryParams(conn, st[i].sql, st[i].n_params, NULL, st[i].params, NULL, NULL,
+                                 0) == 1;
+    sent = sent && PQsendQueryParams(conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) == 1 &&
+           PQpipelineSync(conn) == 1;
+    if (!sent) {
+        err_set(ss->err, ss->err_len, "postgresql: ", PQerrorMessage(conn));
+        ss->broken = true;
+        *failed_at = 0;
+        return SETTLE_EUNAVAILABLE;
+    }
+    /* Each statement's results end with a NULL; after an error the rest come back
+     * PGRES_PIPELINE_ABORTED; the Sync's result ends the flight. Bounded: a lost connection
+     * returns NULLs for ever. */
+    for (int guard = 0; guard < 4 * (total + 2) && !synced; guard++) {
+        PGresult *res = PQgetResult(conn);
+        if (res == NULL) {
+            if (PQstatus(conn) != CONNECTION_OK)
+                break;
+            idx++;
+            continue;
+        }
+        ExecStatusType est = PQresultStatus(res);
+        if (est == PGRES_PIPELINE_SYNC) {
+            synced = true;
+        } else if (est != PGRES_PIPELINE_ABORTED && rc == 0 && idx < total) {
+            rc = result_check(ss, res, false);
+            if (rc != 0) {
+                *failed_at = idx;
+            } else if (idx == total - 1 && strcmp(PQcmdStatus(res), "COMMIT") != 0) {
+                err_set(ss->err, ss->err_len, "postgresql: ", "transaction rolled back at COMMIT");
+                rc = SETTLE_EINTERNAL;
+                *failed_at = idx;
+            } else if (idx >= 2 && idx < n + 2) {
+                st[idx - 2].res = res;
+                res = NULL;
+            }
+        }
+        PQclear(res);
+    }
+    if (!synced || PQexitPipelineMode(conn) != 1) {
+        if (rc == 0) {
+            err_set(ss->err, ss->err_len, "postgresql: ", PQerrorMessage(conn));
+            rc = SETTLE_EUNAVAILABLE;
+            *failed_at = idx;
+        }
+        ss->broken = true;
+    }
+    return rc;
+}
+
+/*
+ * Runs a whole transaction - begin_sql, the statement_timeout, the n statements, COMMIT - as
+ * one libpq pipeline: one network flight instead of n + 3 round trips. st[i].res receives
+ * each statement's result (the caller clears them, also on failure). A connection that died
+ * while pooled is replaced once when nothing ran on it yet (the failure is at BEGIN); a COMMIT
+ * whose answer was lost is SETTLE_EUNAVAILABLE, and retrying is safe because every write here
+ * is idempotent.
+ */
+static int tx_pipeline(struct session *ss, const char *begin_sql, struct pipe_stmt *st, int n)
+{
+    int failed_at = -1;
+    int rc = pipeline_once(ss, begin_sql, st, n, &failed_at);
+
+    if (rc != 0 && ss->broken && ss->reused && failed_at == 0) {
+        for (int i = 0; i < n; i++) {
+            PQclear(st[i].res);
+            st[i].res = NULL;
+        }
+        PQfinish(ss->slot->conn);
+        ss->slot->conn = NULL;
+        ss->broken = false;
+        ss->reused = false;
+        rc = slot_connect(ss);
+        if (rc == 0)
+            rc = pipeline_once(ss, begin_sql, st, n, &failed_at);
+    }
+    return rc;
+}
+
 /* Commits. If the connection dies during COMMIT the outcome is unknown and we report
  * SETTLE_EUNAVAILABLE; retrying is safe because every write here is idempotent. */
 static int tx_commit(struct session *ss)
@@ -893,7 +1004,7 @@ int store_load_orders_work(struct store *s, struct store_load *l, size_t n)
     const char *ids[STORE_BATCH_MAX];
     const char *params[2] = {NULL, limit};
     struct session ss = {0};
-    PGresult *res = NULL;
+    struct pipe_stmt st[2] = {{0}};
     char *id_array = NULL;
     int rc;
 
@@ -921,40 +1032,33 @@ int store_load_orders_work(struct store *s, struct store_load *l, size_t n)
     rc = session_open(s, &ss, err, sizeof(err));
     if (rc != 0)
         goto out;
-    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    /* The orders with their payments (if any), the age computed by the server; then their
+     * items in sku order, at most STORE_ITEMS_MAX + 1 per order. One read-only snapshot. */
+    st[0] = (struct pipe_stmt){
+        .sql = "SELECT o.id, o.user_id, o.status, coalesce(o.failure_reason, ''), "
+               "o.amount_minor, o.refunded_minor, "
+               "greatest(0, (extract(epoch FROM (now() - o.created_at)) * 1000)::bigint), "
+               "o.check_count, coalesce(p.transaction_key, ''), coalesce(p.status, '') "
+               "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "
+               "WHERE o.id = ANY($1::text[])",
+        .n_params = 1,
+        .params = params};
+    st[1] = (struct pipe_stmt){
+        .sql = "SELECT order_id, sku, qty FROM (SELECT order_id, sku, qty, row_number() "
+               "OVER (PARTITION BY order_id ORDER BY sku) AS n FROM order_items "
+               "WHERE order_id = ANY($1::text[])) x WHERE n <= $2::integer "
+               "ORDER BY order_id, sku",
+        .n_params = 2,
+        .params = params};
+    rc = tx_pipeline(&ss, BEGIN_READ_SQL, st, 2);
     if (rc != 0)
         goto out;
-    /* Loads the orders and their payments (if any), with the age computed by the server. */
-    rc = exec_params(&ss,
-                     "SELECT o.id, o.user_id, o.status, coalesce(o.failure_reason, ''), "
-                     "o.amount_minor, o.refunded_minor, "
-                     "greatest(0, (extract(epoch FROM (now() - o.created_at)) * 1000)::bigint), "
-                     "o.check_count, coalesce(p.transaction_key, ''), coalesce(p.status, '') "
-                     "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "
-                     "WHERE o.id = ANY($1::text[])",
-                     1, params, &res);
-    if (rc != 0)
-        goto out;
-    for (int row = 0; row < PQntuples(res); row++)
-        loads_place_order(&ss, res, row, l, n);
+    for (int row = 0; row < PQntuples(st[0].res); row++)
+        loads_place_order(&ss, st[0].res, row, l, n);
+    for (int row = 0; row < PQntuples(st[1].res); row++)
+        loads_place_item(&ss, st[1].res, row, l, n);
     ss.err = err;
     ss.err_len = sizeof(err);
-    PQclear(res);
-    res = NULL;
-    /* Loads their items in sku order, at most STORE_ITEMS_MAX + 1 per order. */
-    rc = exec_params(&ss,
-                     "SELECT order_id, sku, qty FROM (SELECT order_id, sku, qty, row_number() "
-                     "OVER (PARTITION BY order_id ORDER BY sku) AS n FROM order_items "
-                     "WHERE order_id = ANY($1::text[])) x WHERE n <= $2::integer "
-                     "ORDER BY order_id, sku",
-                     2, params, &res);
-    if (rc != 0)
-        goto out;
-    for (int row = 0; row < PQntuples(res); row++)
-        loads_place_item(&ss, res, row, l, n);
-    ss.err = err;
-    ss.err_len = sizeof(err);
-    rc = tx_commit(&ss);
 out:
     if (rc != 0)
         loads_fail(l, n, rc, err);
@@ -967,7 +1071,8 @@ out:
         }
     }
     free(id_array);
-    PQclear(res);
+    PQclear(st[0].res);
+    PQclear(st[1].res);
     session_close(&ss);
     return rc;
 }
@@ -1244,7 +1349,7 @@ int store_apply_outcomes_work(struct store *s, struct store_apply *a, size_t n)
     char err[STORE_ERR_MAX] = "";
     const char *params[1] = {NULL};
     struct session ss = {0};
-    PGresult *res = NULL;
+    struct pipe_stmt st = {0};
     json_t *batch = NULL;
     char *text = NULL;
     size_t sent = 0;
@@ -1285,20 +1390,17 @@ int store_apply_outcomes_work(struct store *s, struct store_apply *a, size_t n)
     rc = session_open(s, &ss, err, sizeof(err));
     if (rc != 0)
         goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
-    if (rc != 0)
-        goto out;
-    /* Every outcome of the batch, each in its own savepoint (ops/sql/004_outcome_batch.sql). */
-    rc = exec_params(&ss,
-                     "SELECT o_i, o_changed, o_status, o_sqlstate, o_message "
-                     "FROM settle_apply_outcomes($1::jsonb)",
-                     1, params, &res);
-    if (rc != 0)
-        goto out;
-    for (int row = 0; row < PQntuples(res) && rc == 0; row++)
-        rc = apply_row_read(&ss, res, row, a, n);
-    if (rc == 0)
-        rc = tx_commit(&ss);
+    /* Every outcome of the batch, each in its own savepoint (ops/sql/004_outcome_batch.sql),
+     * committed in the same flight. */
+    st.sql = "SELECT o_i, o_changed, o_status, o_sqlstate, o_message "
+             "FROM settle_apply_outcomes($1::jsonb)";
+    st.n_params = 1;
+    st.params = params;
+    rc = tx_pipeline(&ss, BEGIN_SQL, &st, 1);
+    /* Rows are read only from a committed transaction. One we cannot read (a bug) leaves
+     * every job unanswered: they are retried, which the guards make harmless. */
+    for (int row = 0; rc == 0 && row < PQntuples(st.res); row++)
+        rc = apply_row_read(&ss, st.res, row, a, n);
 out:
     for (size_t i = 0; i < n; i++) {
         if (a[i].status == 2 && rc == 0) {
@@ -1312,7 +1414,7 @@ out:
                       err[0] != '\0' ? err : settle_strerror(a[i].status));
         }
     }
-    PQclear(res);
+    PQclear(st.res);
     session_close(&ss);
     json_decref(batch);
     free(text);

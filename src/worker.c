@@ -158,8 +158,9 @@ struct wjob {
     struct wqueue *q;
     struct wjob *prev, *next; /* the worker's in-flight list */
     enum job_state state;
-    bool abandoned; /* handed back at shutdown: drop when the pending call returns */
-    bool lost;      /* lease lost (heartbeat said so): the finish will be refused */
+    uint64_t state_since_ns; /* uv_hrtime when it entered state */
+    bool abandoned;          /* handed back at shutdown: drop when the pending call returns */
+    bool lost;               /* lease lost (heartbeat said so): the finish will be refused */
 
     struct queue_job qj; /* id, text (owned), counters, fencing token */
     struct job job;
@@ -286,6 +287,7 @@ struct worker {
     struct db_batch *db;
     unsigned db_slots, db_busy;
     unsigned state_count[JOB_STATE_COUNT];
+    uint64_t state_ns[JOB_STATE_COUNT]; /* time all jobs spent in each state (the stop log) */
     struct worker_counters counters;
 
     /* Metrics and health (served by the metrics module's own HTTP thread). */
@@ -367,8 +369,11 @@ static void job_set_state(struct wjob *j, enum job_state to)
         fprintf(stderr, "%s:%d: illegal job transition %d -> %d\n", __FILE__, __LINE__, from, to);
         abort();
     }
+    uint64_t now = uv_hrtime();
     j->w->state_count[from]--;
     j->w->state_count[to]++;
+    j->w->state_ns[from] += now - j->state_since_ns;
+    j->state_since_ns = now;
     j->state = to;
     if (log_enabled(LOG_LEVEL_DEBUG)) {
         struct log_ctx c = job_ctx(j);
@@ -391,6 +396,7 @@ static struct wjob *job_new(struct wqueue *q, struct queue_job *qj)
     j->qj = *qj;
     qj->text = NULL; /* the job owns the text now */
     j->state = JOB_CLAIMED;
+    j->state_since_ns = uv_hrtime();
     j->started_ms = now_ms(w);
     j->work.data = j;
     w->state_count[JOB_CLAIMED]++;
@@ -1071,7 +1077,9 @@ static void after_db_batch(uv_work_t *req, int status)
     db_kick(w);
 }
 
-/* Sends the waiting jobs out in batches while batch slots are free. */
+/* Sends the waiting jobs out in batches while batch slots are free, writes first: they are
+ * the last step before a job's slot frees. (Separate slots for loads were measured: more
+ * transactions at once, smaller batches, more PostgreSQL CPU per job and slower jobs.) */
 static void db_kick(struct worker *w)
 {
     while (w->db_busy < w->db_slots && (w->store_wait.n > 0 || w->load_wait.n > 0)) {
@@ -1080,7 +1088,7 @@ static void db_kick(struct worker *w)
             if (!w->db[i].busy)
                 b = &w->db[i];
         if (b == NULL)
-            abort(); /* db_busy counts the busy slots: one is free */
+            abort(); /* db_busy counts the busy batches: one is free */
         b->kind = w->store_wait.n > 0 ? DB_STORE : DB_LOAD;
         struct wjob_fifo *f = b->kind == DB_STORE ? &w->store_wait : &w->load_wait;
         unsigned max = w->cfg->db_batch < STORE_BATCH_MAX ? w->cfg->db_batch : STORE_BATCH_MAX;
@@ -2054,6 +2062,23 @@ static void worker_close(struct worker *w)
               ", retried %" PRIu64 ", handed back %" PRIu64,
               w->counters.claimed, w->counters.done, w->counters.dead, w->counters.retried,
               w->counters.handed_back);
+    if (w->counters.claimed > 0) {
+        /* Where a job's time in flight went, on average: what to look at when throughput is
+         * below concurrency / gateway latency. */
+        char line[512];
+        size_t off = 0;
+        for (int i = 0; i < JOB_STATE_COUNT && off < sizeof(line); i++) {
+            if (w->state_ns[i] == 0)
+                continue;
+            int k = snprintf(line + off, sizeof(line) - off, "%s%s %.2f", off > 0 ? ", " : "",
+                             job_state_names[i],
+                             (double)w->state_ns[i] / 1e6 / (double)w->counters.claimed);
+            if (k < 0)
+                break;
+            off += (size_t)k;
+        }
+        log_write(LOG_LEVEL_INFO, NULL, NULL, "mean ms per claimed job by state: %s", line);
+    }
     uv_timer_stop(&w->heartbeat);
     close_handle(w, (uv_handle_t *)&w->heartbeat);
     close_handle(w, (uv_handle_t *)&w->sched);
@@ -2220,9 +2245,11 @@ int worker_run(const struct config *cfg)
         log_error("could not create the PostgreSQL pool");
         goto out_free;
     }
-    /* Half of the connections serve batches, so refunds' own transactions, the scheduler
-     * and the health check always find one; the batches grow instead (group commit). */
-    w->db_slots = cfg->db_pool_size > 1 ? (cfg->db_pool_size + 1) / 2 : 1;
+    /* Few batches in flight: while they run the next jobs gather (group commit), which is
+     * what saves PostgreSQL work; more batches at once make each one smaller and only add
+     * contention. Connections beyond them serve refunds' own transactions, the scheduler and
+     * the health check; with a pool too small for that, batches wait for a connection. */
+    w->db_slots = cfg->db_batch_concurrency > 0 ? cfg->db_batch_concurrency : 1;
     w->db = calloc(w->db_slots, sizeof(*w->db));
     if (w->db == NULL)
         goto out_free;

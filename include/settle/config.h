@@ -36,11 +36,12 @@ struct config {
     unsigned n_queues;
 
     /* Capacity. */
-    unsigned concurrency;   /* SETTLE_CONCURRENCY, jobs in flight per process, 1..1024 */
-    unsigned claim_batch;   /* SETTLE_CLAIM_BATCH, jobs taken per claim, 1..1000 */
-    unsigned db_pool_size;  /* SETTLE_DB_POOL_SIZE, PostgreSQL connections, 1..256 */
-    unsigned db_batch;      /* SETTLE_DB_BATCH, jobs per load / outcome transaction, 1..64 */
-    uint64_t job_max_bytes; /* SETTLE_JOB_MAX_BYTES, default 65536 */
+    unsigned concurrency;          /* SETTLE_CONCURRENCY, jobs in flight per process, 1..1024 */
+    unsigned claim_batch;          /* SETTLE_CLAIM_BATCH, jobs taken per claim, 1..1000 */
+    unsigned db_pool_size;         /* SETTLE_DB_POOL_SIZE, PostgreSQL connections, 1..256 */
+    unsigned db_batch;             /* SETTLE_DB_BATCH, jobs per load / outcome transaction, 1..64 */
+    unsigned db_batch_concurrency; /* SETTLE_DB_BATCH_CONCURRENCY, batches in flight */
+    uint64_t job_max_bytes;        /* SETTLE_JOB_MAX_BYTES, default 65536 */
 
     /* Gateway (seed 001). */
     uint64_t gateway_connect_timeout_ms; /* default 1000 */

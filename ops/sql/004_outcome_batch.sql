@@ -12,7 +12,9 @@
 -- before. What changes is the cost: one call and one COMMIT for up to SETTLE_DB_BATCH jobs,
 -- and PL/pgSQL keeps each statement's plan for the life of the connection.
 --
--- Each job runs in its own sub-block (a savepoint). A job whose statements fail (CHECK
+-- The batch is first applied as one set-based statement (the same guards, per order); only
+-- when that fails is it applied job by job, each job in its own sub-block (a savepoint). A
+-- job whose statements fail (CHECK
 -- (stock >= 0) refusing an oversell, a deadlock, ...) is rolled back alone and reported with
 -- its SQLSTATE and message; the caller classifies it exactly as it classifies the error of a
 -- single-job transaction. The other jobs commit together. Nothing is acknowledged in Redis
@@ -64,6 +66,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     r record;
     v_final text;
+    v_i integer[];
+    v_changed boolean[];
+    v_status text[];
 BEGIN
     IF jsonb_typeof(p_batch) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'settle_apply_outcomes expects a jsonb array' USING ERRCODE = '22023';
@@ -74,6 +79,118 @@ BEGIN
                                              FROM jsonb_array_elements(p_batch) e
                                             WHERE e->>'action' = 'complete'))
      ORDER BY p.sku FOR UPDATE OF p;
+
+    -- The common case first: the whole batch as one set-based statement (a handful of
+    -- statements' work for the batch instead of six per job). It is all or nothing: if any job
+    -- of the batch would fail (an oversell, a foreign transaction key, ...), the statement
+    -- fails, its savepoint rolls it back, and the batch is applied job by job below, where the
+    -- failing job fails alone. Two jobs of one order in a batch go job by job too, so each sees
+    -- the other's effect as it would in two transactions.
+    -- A payment write without the PG's amount keeps the row's amount, which one INSERT ... ON
+    -- CONFLICT for many orders cannot express: such a batch goes job by job as well.
+    IF (SELECT count(DISTINCT e->>'order_id') = count(*)
+               AND NOT bool_or(e->>'action' IN ('complete', 'fail')
+                               AND jsonb_typeof(e->'amount_minor') IS DISTINCT FROM 'number')
+          FROM jsonb_array_elements(p_batch) e
+         WHERE e->>'action' IS DISTINCT FROM 'none') IS NOT FALSE THEN
+        BEGIN
+            WITH b AS (
+                SELECT * FROM jsonb_to_recordset(p_batch) AS x(
+                    i integer, action text, order_id text, transaction_key text,
+                    amount_minor bigint, payment_status text, reason text, card_type text,
+                    card_last4 text, next_check_ms bigint, job_id text, queue text,
+                    producer_id text, outcome text, result text, result_unapplied text,
+                    attempts integer, deliveries integer, last_error text, worker text,
+                    enqueued_ms bigint)
+            ), upd AS (
+                -- Each order leaves PENDING (or is re-scheduled) only if still PENDING.
+                UPDATE orders o SET
+                       status = CASE b.action WHEN 'complete' THEN 'COMPLETED'
+                                              WHEN 'fail' THEN 'FAILED'
+                                              WHEN 'expire' THEN 'EXPIRED'
+                                              WHEN 'manual_review' THEN 'MANUAL_REVIEW'
+                                              ELSE o.status END,
+                       completed_at = CASE WHEN b.action = 'complete' THEN now()
+                                           ELSE o.completed_at END,
+                       failure_reason = CASE WHEN b.action = 'complete' THEN NULL
+                                             WHEN b.action = 'reschedule' THEN o.failure_reason
+                                             ELSE b.reason END,
+                       updated_at = CASE WHEN b.action = 'reschedule' THEN o.updated_at
+                                         ELSE now() END,
+                       next_check_at = CASE WHEN b.action = 'reschedule'
+                                            THEN now() + b.next_check_ms
+                                                         * interval '1 millisecond'
+                                            ELSE o.next_check_at END,
+                       check_count = CASE WHEN b.action = 'reschedule' THEN o.check_count + 1
+                                          ELSE o.check_count END
+                  FROM b
+                 WHERE o.id = b.order_id AND o.status = 'PENDING'
+                   AND b.action IN ('complete', 'fail', 'expire', 'manual_review',
+                                    'reschedule')
+                RETURNING o.id, o.status, o.user_id, o.amount_minor
+            ), stock AS (
+                -- Stock leaves only for the orders that did complete; CHECK (stock >= 0)
+                -- refuses an oversell (and sends the batch job by job).
+                UPDATE products p SET stock = p.stock - q.qty, updated_at = now()
+                  FROM (SELECT i.sku, sum(i.qty) AS qty
+                          FROM order_items i JOIN upd ON upd.id = i.order_id
+                         WHERE upd.status = 'COMPLETED'
+                         GROUP BY i.sku) q
+                 WHERE p.sku = q.sku
+                RETURNING p.sku
+            ), pay AS (
+                -- The payment, moved only while PENDING (settle_payment_upsert's rules).
+                INSERT INTO payments AS p (order_id, transaction_key, user_id, amount_minor,
+                                           status, reason, card_type, card_last4)
+                SELECT b.order_id, b.transaction_key, upd.user_id,
+                       coalesce(b.amount_minor, upd.amount_minor),
+                       CASE WHEN b.action = 'complete' THEN 'SUCCESS' ELSE b.payment_status END,
+                       CASE WHEN b.action = 'complete' THEN NULL ELSE b.reason END,
+                       b.card_type, b.card_last4
+                  FROM b JOIN upd ON upd.id = b.order_id
+                 WHERE b.action = 'complete'
+                    OR (b.action = 'fail' AND b.payment_status IS NOT NULL)
+                ON CONFLICT (order_id) DO UPDATE SET
+                       transaction_key = coalesce(EXCLUDED.transaction_key, p.transaction_key),
+                       amount_minor = coalesce(EXCLUDED.amount_minor, p.amount_minor),
+                       status = EXCLUDED.status, reason = EXCLUDED.reason,
+                       card_type = coalesce(EXCLUDED.card_type, p.card_type),
+                       card_last4 = coalesce(EXCLUDED.card_last4, p.card_last4),
+                       updated_at = now()
+                 WHERE p.status = 'PENDING'
+                RETURNING p.order_id
+            ), log AS (
+                -- One job_log row per finished job; a redelivered job keeps its first row.
+                INSERT INTO job_log (job_id, queue, producer_id, order_id, outcome, result,
+                                     attempts, deliveries, last_error, worker, enqueued_at)
+                SELECT b.job_id, b.queue, b.producer_id, b.order_id, b.outcome,
+                       CASE WHEN upd.id IS NULL AND b.action <> 'none'
+                                 AND b.result_unapplied IS NOT NULL
+                            THEN b.result_unapplied ELSE b.result END,
+                       b.attempts, b.deliveries, b.last_error, b.worker,
+                       to_timestamp(b.enqueued_ms::double precision / 1000)
+                  FROM b LEFT JOIN upd ON upd.id = b.order_id
+                 WHERE b.job_id IS NOT NULL
+                ON CONFLICT (job_id) DO NOTHING
+                RETURNING job_id
+            )
+            -- Collected first, returned after: rows must not reach the caller from a
+            -- statement that may still fail. An order that did not move reports the status
+            -- this statement saw.
+            SELECT array_agg(b.i), array_agg(upd.id IS NOT NULL),
+                   array_agg(coalesce(upd.status, o.status))
+              INTO v_i, v_changed, v_status
+              FROM b LEFT JOIN upd ON upd.id = b.order_id
+                     LEFT JOIN orders o ON o.id = b.order_id;
+            RETURN QUERY SELECT u.i, u.c, u.s, NULL::text, NULL::text
+                           FROM unnest(v_i, v_changed, v_status) AS u(i, c, s);
+            RETURN;
+        EXCEPTION WHEN OTHERS THEN
+            -- Rolled back to the block's start; job by job below. query_canceled
+            -- (statement_timeout) is not caught: it ends the whole call.
+            NULL;
+        END;
+    END IF;
 
     FOR r IN SELECT * FROM jsonb_to_recordset(p_batch) AS x(
                  i integer, action text, order_id text, transaction_key text,

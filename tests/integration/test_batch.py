@@ -85,6 +85,7 @@ def prepare(c):
 def run(c, batch):
     expect = prepare(c)
     env = c.env_for_worker(SETTLE_DB_BATCH=str(batch), SETTLE_DB_POOL_SIZE="2",
+                           SETTLE_DB_BATCH_CONCURRENCY="1",
                            SETTLE_CONCURRENCY="64", SETTLE_CLAIM_BATCH="64")
     w = c.start_worker(env)
 
@@ -119,7 +120,7 @@ def run(c, batch):
 def test_batches_apply_each_job_as_one_transaction_would(c):
     w, n_jobs = run(c, 32)
     buckets, count = scrape_histogram(w, "settle_db_batch_jobs", step="load")
-    # One PostgreSQL batch slot (pool of 2): the first job is read alone, the rest wait for it
+    # One batch in flight per kind: the first job is read alone, the rest wait for it
     # and go together, at most 32 at a time.
     assert count is not None and count < n_jobs, (buckets, count)
     assert buckets["1"] < count, f"no load batch held more than one job: {buckets}"
