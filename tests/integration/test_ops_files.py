@@ -266,7 +266,10 @@ def test_metrics_list(c):
         else:
             assert not name.endswith("_total"), f"{mtype} {name} must not end in _total"
         if mtype == "histogram":
-            assert name.endswith("_seconds"), f"histogram {name}: base unit seconds expected"
+            # Prometheus naming: a base unit in the plural; durations in seconds, sizes in
+            # what they count (jobs per batch).
+            assert name.endswith(("_seconds", "_jobs")), \
+                f"histogram {name}: base unit seconds (or jobs, for a batch size) expected"
     # The names issue 5 promised, with their labels.
     promised = {
         "settle_queue_ready_jobs": {"queue"}, "settle_queue_delayed_jobs": {"queue"},

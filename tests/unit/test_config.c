@@ -530,7 +530,9 @@ static void test_describe(void)
             json_integer_value(json_array_get(json_object_get(j, "SETTLE_CHECK_SCHEDULE_MS"), 1)),
             300000);
         CHECK(json_is_string(json_object_get(j, "SETTLE_WORKER_ID")));
-        CHECK_EQ_INT(json_object_size(j), 60); /* every variable */
+        CHECK_EQ_INT(json_integer_value(json_object_get(j, "SETTLE_DB_BATCH")), 32);
+        CHECK_EQ_INT(json_integer_value(json_object_get(j, "SETTLE_DB_BATCH_CONCURRENCY")), 2);
+        CHECK_EQ_INT(json_object_size(j), 62); /* every variable */
     }
     json_decref(j);
     CHECK_EQ_INT(config_describe(&c, buf, 16), SETTLE_ETOOBIG);
