@@ -60,9 +60,12 @@ BEGIN
      WHERE p.status = 'PENDING';
 END $$;
 
+-- plan_cache_mode: the statements below are planned once per connection instead of once per
+-- call (a custom plan for every batch measured 1.6x the time per call at 32 jobs); their
+-- plans do not depend on the batch's values.
 CREATE FUNCTION settle_apply_outcomes(p_batch jsonb)
 RETURNS TABLE (o_i integer, o_changed boolean, o_status text, o_sqlstate text, o_message text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     r record;
     v_final text;
