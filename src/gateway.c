@@ -14,6 +14,7 @@
  * and the raw answer buffer is wiped before it is freed.
  */
 #include "settle/gateway.h"
+#include "settle/httploop.h"
 #include "settle/error.h"
 
 #include <curl/curl.h>
@@ -86,6 +87,7 @@ struct exchange {
     bool request_sent;
     uint64_t retry_after_ms;
     uint64_t elapsed_ms;
+    uint64_t t0_us; /* when the exchange began */
     struct body body;
     char curl_err[CURL_ERROR_SIZE];
 };
@@ -810,15 +812,21 @@ static void curl_init_once(void)
     curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
 }
 
-/* Blocks until a handle is idle or one may be created. NULL only when creation failed. */
-static CURL *handle_acquire(struct gateway *g)
+/* With wait, blocks until a handle is idle or one may be created (pool threads); without,
+ * returns NULL at once when none is (the loop thread never blocks). NULL also when creation
+ * failed. */
+static CURL *handle_acquire(struct gateway *g, bool wait)
 {
     CURL *h = NULL;
     bool create = false;
 
     pthread_mutex_lock(&g->mu);
-    while (g->n_idle == 0 && g->n_created >= g->max_handles)
+    while (wait && g->n_idle == 0 && g->n_created >= g->max_handles)
         pthread_cond_wait(&g->cv, &g->mu);
+    if (g->n_idle == 0 && g->n_created >= g->max_handles) {
+        pthread_mutex_unlock(&g->mu);
+        return NULL;
+    }
     if (g->n_idle > 0) {
         h = g->idle[--g->n_idle];
     } else {
@@ -1058,37 +1066,56 @@ static CURLcode exchange_setup(const struct gateway *g, CURL *h, const char *url
     return rc;
 }
 
-/* Runs one request on h. The exchange's body must be freed with exchange_free. */
-static void exchange_run(const struct gateway *g, CURL *h, const char *url,
-                         struct curl_slist *headers, const char *post, size_t post_len,
-                         struct exchange *ex)
+/* Prepares one request on h. false when the options could not be set (ex->local_failure;
+ * nothing was sent). Either way exchange_end must follow. */
+static bool exchange_begin(const struct gateway *g, CURL *h, const char *url,
+                           struct curl_slist *headers, const char *post, size_t post_len,
+                           struct exchange *ex)
 {
-    long request_size = 0;
-    uint64_t t0 = now_us();
-
     memset(ex, 0, sizeof *ex);
+    ex->t0_us = now_us();
     ex->body.max_bytes = g->body_max_bytes;
     ex->code = exchange_setup(g, h, url, headers, post, post_len, ex);
-    if (ex->code != CURLE_OK) {
+    if (ex->code != CURLE_OK)
         ex->local_failure = true;
-        goto out;
+    return !ex->local_failure;
+}
+
+/* Records how the request on h ended (curl's code; ignored after a local failure) and
+ * detaches h from the exchange. The exchange's body must be freed with exchange_free. */
+static void exchange_end(CURL *h, struct exchange *ex, CURLcode code)
+{
+    long request_size = 0;
+
+    if (!ex->local_failure) {
+        ex->code = code;
+        if (curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &ex->http_status) != CURLE_OK)
+            ex->http_status = 0;
+        if (curl_easy_getinfo(h, CURLINFO_REQUEST_SIZE, &request_size) != CURLE_OK)
+            request_size = 1; /* unknown: assume sent, the safe side for refunds */
+        /* Nothing handed to the socket (connect/resolve failures, connect timeouts, TLS
+         * handshake failures) means the PG cannot have acted. Any byte out, or any answer,
+         * means it might. */
+        ex->request_sent = ex->code == CURLE_OK || request_size > 0 || ex->http_status > 0;
     }
-    ex->code = curl_easy_perform(h);
-    if (curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &ex->http_status) != CURLE_OK)
-        ex->http_status = 0;
-    if (curl_easy_getinfo(h, CURLINFO_REQUEST_SIZE, &request_size) != CURLE_OK)
-        request_size = 1; /* unknown: assume sent, the safe side for refunds */
-    /* Nothing handed to the socket (connect/resolve failures, connect timeouts, TLS handshake
-     * failures) means the PG cannot have acted. Any byte out, or any answer, means it might. */
-    ex->request_sent = ex->code == CURLE_OK || request_size > 0 || ex->http_status > 0;
-out:
     /* The handle outlives this exchange in the pool: leave it no pointers into it. */
     curl_easy_setopt(h, CURLOPT_ERRORBUFFER, (char *)NULL);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, (struct curl_slist *)NULL);
     curl_easy_setopt(h, CURLOPT_WRITEDATA, (void *)NULL);
     curl_easy_setopt(h, CURLOPT_HEADERDATA, (void *)NULL);
     curl_easy_setopt(h, CURLOPT_POSTFIELDS, (char *)NULL);
-    ex->elapsed_ms = (now_us() - t0) / 1000u;
+    ex->elapsed_ms = (now_us() - ex->t0_us) / 1000u;
+}
+
+/* Runs one request on h, blocking. The exchange's body must be freed with exchange_free. */
+static void exchange_run(const struct gateway *g, CURL *h, const char *url,
+                         struct curl_slist *headers, const char *post, size_t post_len,
+                         struct exchange *ex)
+{
+    CURLcode code = CURLE_OK;
+    if (exchange_begin(g, h, url, headers, post, post_len, ex))
+        code = curl_easy_perform(h);
+    exchange_end(h, ex, code);
 }
 
 static void exchange_free(struct exchange *ex)
@@ -1267,94 +1294,210 @@ static bool add_header(struct curl_slist **list, const char *name, const char *v
     return true;
 }
 
-/* GET url and parse the 2xx answer as mode/list into out. */
-static void get_and_parse(const struct gateway *g, CURL *h, const char *url,
-                          struct curl_slist *headers, bool list, struct gateway_result *out)
+/* Judges a GET's exchange and parses its 2xx answer (the orderId list when list) into out. */
+static void judge_get(const struct gateway *g, const struct exchange *ex, bool list,
+                      struct gateway_result *out)
 {
-    struct exchange ex;
     char why[GATEWAY_ERROR_MAX];
 
-    exchange_run(g, h, url, headers, NULL, 0, &ex);
-    if (exchange_judge(g, &ex, out)) {
-        const char *b = ex.body.data != NULL ? ex.body.data : "";
-        int rc = list ? gateway_parse_order_transactions(b, ex.body.len, &out->tx, why, sizeof why)
-                      : parse_transaction(b, ex.body.len, PARSE_GET, &out->tx, why, sizeof why);
+    if (exchange_judge(g, ex, out)) {
+        const char *b = ex->body.data != NULL ? ex->body.data : "";
+        int rc = list ? gateway_parse_order_transactions(b, ex->body.len, &out->tx, why, sizeof why)
+                      : parse_transaction(b, ex->body.len, PARSE_GET, &out->tx, why, sizeof why);
         parse_judge(rc, why, out);
     }
-    exchange_free(&ex);
+}
+
+/*
+ * A payment status query: by transaction key, or by order id; a key the PG does not know is
+ * asked again by order id, and a transaction the orderId list gave without its amount is
+ * fetched again in full. The same steps serve the blocking (pool) and the loop versions.
+ */
+struct status_query {
+    struct gateway *g;
+    CURL *h;
+    struct curl_slist *headers;
+    char *url;
+    bool by_key; /* the current step asks by key (else it reads the orderId list) */
+    bool asked_by_order;
+    char order_id[JOB_ID_MAX + 1];
+    struct gateway_result *out;
+    uint64_t t0;
+};
+
+/* Validates the input, borrows a handle and prepares the first step. false when the query
+ * is over before any request (out says why). */
+static bool status_begin(struct status_query *q, struct gateway *g, bool wait, const char *user_id,
+                         const char *transaction_key, const char *order_id,
+                         struct gateway_result *out)
+{
+    memset(q, 0, sizeof *q);
+    q->g = g;
+    q->out = out;
+    q->t0 = now_us();
+    q->by_key = transaction_key != NULL && transaction_key[0] != '\0';
+    result_init(out);
+    if (!arg_id_ok(user_id)) {
+        refuse_input(out, "the user id");
+        return false;
+    }
+    if (q->by_key ? !arg_id_ok(transaction_key) : !arg_id_ok(order_id)) {
+        refuse_input(out, q->by_key ? "the transaction key" : "the order id");
+        return false;
+    }
+    if (arg_id_ok(order_id))
+        memcpy(q->order_id, order_id, strlen(order_id) + 1);
+    q->h = handle_acquire(g, wait);
+    if (q->h == NULL) {
+        local_failure(out, "creating a curl handle");
+        return false;
+    }
+    if (!add_header(&q->headers, "X-USER-ID", user_id) ||
+        !add_header(&q->headers, "Accept", "application/json")) {
+        local_failure(out, "building headers");
+        return false;
+    }
+    q->asked_by_order = !q->by_key;
+    q->url = q->by_key ? build_url(g, q->h, "/api/v1/payments/", transaction_key, "")
+                       : build_url(g, q->h, "/api/v1/payments?orderId=", order_id, "");
+    if (q->url == NULL) {
+        local_failure(out, "building the URL");
+        return false;
+    }
+    return true;
+}
+
+/* After a step was judged: prepares the next step and returns true, or false when the
+ * answer is final. */
+static bool status_next(struct status_query *q)
+{
+    struct gateway_result *out = q->out;
+    const char *path = NULL, *segment = NULL;
+    char key[JOB_ID_MAX + 1];
+
+    /* A key the PG does not know is no proof that the order is unpaid (a job may carry a
+     * stale or foreign key): ask by order id before anyone concludes "no payment", so a 404
+     * can never expire an order that was paid under another key. */
+    if (q->by_key && !q->asked_by_order && out->outcome == GATEWAY_NOT_FOUND &&
+        q->order_id[0] != '\0') {
+        path = "/api/v1/payments?orderId=";
+        segment = q->order_id;
+        q->by_key = false;
+        q->asked_by_order = true;
+    } else if (!q->by_key && out->outcome == GATEWAY_OK && out->tx.amount_minor < 0) {
+        /* The orderId list may omit amounts (the real simulator does); the amount is what
+         * lets the worker notice a forged answer, so fetch the chosen transaction in full. */
+        memcpy(key, out->tx.transaction_key, sizeof key);
+        path = "/api/v1/payments/";
+        segment = key;
+        q->by_key = true;
+    } else {
+        return false;
+    }
+    free(q->url);
+    q->url = build_url(q->g, q->h, path, segment, "");
+    result_init(out);
+    if (q->url == NULL) {
+        local_failure(out, "building the URL");
+        return false;
+    }
+    return true;
+}
+
+static void status_end(struct status_query *q)
+{
+    if (q->h != NULL)
+        handle_release(q->g, q->h);
+    curl_slist_free_all(q->headers);
+    free(q->url);
+    q->out->latency_us = now_us() - q->t0;
 }
 
 void gateway_query_status_work(struct gateway *g, const char *user_id, const char *transaction_key,
                                const char *order_id, struct gateway_result *out)
 {
-    uint64_t t0 = now_us();
-    struct curl_slist *headers = NULL;
-    char *url = NULL;
-    CURL *h = NULL;
-    bool by_key = transaction_key != NULL && transaction_key[0] != '\0';
+    struct status_query q;
+    struct exchange ex;
 
-    result_init(out);
-    if (!arg_id_ok(user_id)) {
-        refuse_input(out, "the user id");
-        goto out;
+    if (status_begin(&q, g, true, user_id, transaction_key, order_id, out)) {
+        do {
+            exchange_run(g, q.h, q.url, q.headers, NULL, 0, &ex);
+            judge_get(g, &ex, !q.by_key, out);
+            exchange_free(&ex);
+        } while (status_next(&q));
     }
-    if (by_key ? !arg_id_ok(transaction_key) : !arg_id_ok(order_id)) {
-        refuse_input(out, by_key ? "the transaction key" : "the order id");
-        goto out;
-    }
-    h = handle_acquire(g);
-    if (h == NULL) {
-        local_failure(out, "creating a curl handle");
-        goto out;
-    }
-    if (!add_header(&headers, "X-USER-ID", user_id) ||
-        !add_header(&headers, "Accept", "application/json")) {
-        local_failure(out, "building headers");
-        goto out;
-    }
-    url = by_key ? build_url(g, h, "/api/v1/payments/", transaction_key, "")
-                 : build_url(g, h, "/api/v1/payments?orderId=", order_id, "");
-    if (url == NULL) {
-        local_failure(out, "building the URL");
-        goto out;
-    }
-    get_and_parse(g, h, url, headers, !by_key, out);
+    status_end(&q);
+}
 
-    /* A key the PG does not know is no proof that the order is unpaid (a job may carry a
-     * stale or foreign key): ask by order id before anyone concludes "no payment", so a 404
-     * can never expire an order that was paid under another key. */
-    if (by_key && out->outcome == GATEWAY_NOT_FOUND && arg_id_ok(order_id)) {
-        free(url);
-        url = build_url(g, h, "/api/v1/payments?orderId=", order_id, "");
+/* The loop version's state: the query and the exchange in flight. */
+struct gateway_call {
+    struct status_query q;
+    struct exchange ex;
+    struct httploop *hl;
+    gateway_call_cb done;
+    void *arg;
+};
+
+static void on_call_step(void *arg, CURL *easy, CURLcode result);
+
+/* Starts the current step's request; false when it could not start (the step's exchange
+ * then holds a local failure, already ended). */
+static bool call_launch(struct gateway_call *c)
+{
+    if (exchange_begin(c->q.g, c->q.h, c->q.url, c->q.headers, NULL, 0, &c->ex) &&
+        httploop_add(c->hl, c->q.h, on_call_step, c) == 0)
+        return true;
+    c->ex.local_failure = true;
+    exchange_end(c->q.h, &c->ex, c->ex.code);
+    return false;
+}
+
+/* The current step's exchange has ended: judges it and launches the next step, if any.
+ * true when a request is in flight again, false when the answer is final. */
+static bool call_advance(struct gateway_call *c)
+{
+    for (;;) {
+        judge_get(c->q.g, &c->ex, !c->q.by_key, c->q.out);
+        exchange_free(&c->ex);
+        if (!status_next(&c->q))
+            return false;
+        if (call_launch(c))
+            return true;
+    }
+}
+
+static void on_call_step(void *arg, CURL *easy, CURLcode result)
+{
+    struct gateway_call *c = arg;
+    exchange_end(easy, &c->ex, result);
+    if (call_advance(c))
+        return;
+    status_end(&c->q);
+    gateway_call_cb done = c->done;
+    void *done_arg = c->arg;
+    free(c);
+    done(done_arg);
+}
+
+int gateway_query_status_start(struct gateway *g, struct httploop *hl, const char *user_id,
+                               const char *transaction_key, const char *order_id,
+                               struct gateway_result *out, gateway_call_cb done, void *arg)
+{
+    struct gateway_call *c = calloc(1, sizeof(*c));
+    if (c == NULL) {
         result_init(out);
-        if (url == NULL) {
-            local_failure(out, "building the URL");
-            goto out;
-        }
-        get_and_parse(g, h, url, headers, true, out);
-        by_key = false;
+        local_failure(out, "starting the request");
+        return 1;
     }
-
-    /* The orderId list may omit amounts (the real simulator does); the amount is what lets
-     * the worker notice a forged answer, so fetch the chosen transaction in full. */
-    if (!by_key && out->outcome == GATEWAY_OK && out->tx.amount_minor < 0) {
-        char key[JOB_ID_MAX + 1];
-        memcpy(key, out->tx.transaction_key, sizeof key);
-        free(url);
-        url = build_url(g, h, "/api/v1/payments/", key, "");
-        result_init(out);
-        if (url == NULL) {
-            local_failure(out, "building the URL");
-            goto out;
-        }
-        get_and_parse(g, h, url, headers, false, out);
-    }
-out:
-    if (h != NULL)
-        handle_release(g, h);
-    curl_slist_free_all(headers);
-    free(url);
-    out->latency_us = now_us() - t0;
+    c->hl = hl;
+    c->done = done;
+    c->arg = arg;
+    if (status_begin(&c->q, g, false, user_id, transaction_key, order_id, out) &&
+        (call_launch(c) || call_advance(c)))
+        return 0;
+    status_end(&c->q);
+    free(c);
+    return 1;
 }
 
 void gateway_cancel_work(struct gateway *g, const char *user_id, const char *transaction_key,
@@ -1412,7 +1555,7 @@ void gateway_cancel_work(struct gateway *g, const char *user_id, const char *tra
         goto out;
     }
 
-    h = handle_acquire(g);
+    h = handle_acquire(g, true);
     if (h == NULL) {
         local_failure(out, "creating a curl handle");
         goto out;
@@ -1467,7 +1610,7 @@ void gateway_list_payments_work(struct gateway *g, int64_t from_ms, int64_t to_m
                   (long long)from_ms, (long long)to_ms, (long long)page, size);
         goto out;
     }
-    h = handle_acquire(g);
+    h = handle_acquire(g, true);
     if (h == NULL) {
         local_failure(res, "creating a curl handle");
         goto out;

@@ -58,6 +58,7 @@
 #include "settle/breaker.h"
 #include "settle/error.h"
 #include "settle/gateway.h"
+#include "settle/httploop.h"
 #include "settle/job.h"
 #include "settle/log.h"
 #include "settle/metrics.h"
@@ -272,6 +273,7 @@ struct worker {
     struct wqueue queues[CONFIG_QUEUES_MAX];
     unsigned n_queues;
     struct gateway *gateway;
+    struct httploop *httploop; /* PG status calls on the loop (libcurl multi) */
     struct store *store;
     struct breaker breakers[BREAKER_CLASS_COUNT];
     struct reconcile_policy policy;
@@ -916,23 +918,14 @@ static void gateway_observe(struct worker *w, const char *endpoint, const struct
                             (double)g->latency_us / 1e6);
 }
 
-static void query_work(uv_work_t *req)
+/* The PG answered (or the query ended without an answer; j->gw says which). */
+static void on_queried(void *arg)
 {
-    struct wjob *j = req->data;
-    const char *key =
-        j->job.transaction_key[0] != '\0' ? j->job.transaction_key : j->order.transaction_key;
-    gateway_query_status_work(j->w->gateway, j->job.user_id, key, j->order.id, &j->gw);
-}
-
-static void after_query(uv_work_t *req, int status)
-{
-    struct wjob *j = req->data;
+    struct wjob *j = arg;
     struct worker *w = j->w;
     if (j->breaker_admitted) {
         enum breaker_result br = BREAKER_SUCCESS;
-        if (status == UV_ECANCELED)
-            br = BREAKER_IGNORED;
-        else if (j->gw.breaker_failure)
+        if (j->gw.breaker_failure)
             br = BREAKER_FAILURE;
         else if (j->gw.outcome == GATEWAY_TRANSIENT || j->gw.outcome == GATEWAY_REJECTED)
             br = BREAKER_IGNORED;
@@ -940,15 +933,10 @@ static void after_query(uv_work_t *req, int status)
         breaker_record(&w->breakers[BREAKER_CLASS_STATUS], now_ms(w), br);
         breaker_note(w, BREAKER_CLASS_STATUS, before);
         j->breaker_admitted = false;
-        if (status != UV_ECANCELED)
-            gateway_observe(w, "status", &j->gw);
+        gateway_observe(w, "status", &j->gw);
     }
     if (job_drop_if_abandoned(j))
         return;
-    if (status == UV_ECANCELED) {
-        finish_with_retry(j, 0, false, false);
-        return;
-    }
     j->pr.rand64 = retry_rand_next(&w->rand_state);
     reconcile_after_query(&w->policy, &j->pr, &j->job, &j->order, &j->gw, &j->d);
     act(j);
@@ -986,7 +974,13 @@ static void load_done(struct wjob *j, int status)
     }
     j->breaker_admitted = true;
     job_set_state(j, JOB_QUERYING);
-    uv_queue_work(w->loop, &j->work, query_work, after_query);
+    /* On the loop (libcurl multi): no thread per PG call. The key the job carries wins over
+     * the one on record; reconcile_after_load has checked that they agree. */
+    const char *key =
+        j->job.transaction_key[0] != '\0' ? j->job.transaction_key : j->order.transaction_key;
+    if (gateway_query_status_start(w->gateway, w->httploop, j->job.user_id, key, j->order.id,
+                                   &j->gw, on_queried, j) != 0)
+        on_queried(j); /* ended at once: j->gw says why */
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -2034,7 +2028,7 @@ static void on_handle_closed(uv_handle_t *h)
     w->open_handles--;
 }
 
-static void on_rconn_closed(void *arg)
+static void on_async_closed(void *arg)
 {
     struct worker *w = arg;
     w->open_handles--;
@@ -2092,14 +2086,20 @@ static void worker_close(struct worker *w)
         close_handle(w, (uv_handle_t *)&w->queues[i].wake_timer);
         if (w->queues[i].waiter != NULL) {
             w->open_handles++;
-            rconn_close(w->queues[i].waiter, on_rconn_closed, w);
+            rconn_close(w->queues[i].waiter, on_async_closed, w);
             w->queues[i].waiter = NULL;
         }
     }
     if (w->cmd != NULL) {
         w->open_handles++;
-        rconn_close(w->cmd, on_rconn_closed, w);
+        rconn_close(w->cmd, on_async_closed, w);
         w->cmd = NULL;
+    }
+    if (w->httploop != NULL) {
+        /* No job is in flight any more, so no transfer is. */
+        w->open_handles++;
+        httploop_close(w->httploop, on_async_closed, w);
+        w->httploop = NULL;
     }
 }
 
@@ -2280,6 +2280,10 @@ int worker_run(const struct config *cfg)
         goto out_free;
     }
 
+    if (httploop_create(&w->httploop, w->loop) != 0) {
+        log_error("could not set up the PG client on the loop");
+        goto out_loop;
+    }
     char name[160];
     snprintf(name, sizeof(name), "settle:%s", cfg->worker_id);
     if (rconn_create(&w->cmd, w->loop, &addr, name, on_cmd_state, w) != 0)

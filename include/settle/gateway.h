@@ -10,7 +10,8 @@
  * "data":{...}}. We branch on the HTTP status and meta.result, never on errorCode text.
  *
  * Threads: gateway_create/gateway_destroy on the loop thread (destroy only after every work
- * function has returned). The *_work functions block and run only on uv pool threads; each
+ * function and loop call has ended). gateway_query_status_start runs on the loop thread and
+ * never blocks (see httploop.h). The *_work functions block and run only on uv pool threads; each
  * borrows one CURL easy handle from a bounded internal pool (one handle per thread at a
  * time, CURLOPT_NOSIGNAL, connect and total timeouts, body capped at body_max_bytes) and
  * touches nothing but its arguments. gateway_parse_* and gateway_classify are pure.
@@ -90,6 +91,21 @@ void gateway_destroy(struct gateway *g);
  */
 void gateway_query_status_work(struct gateway *g, const char *user_id, const char *transaction_key,
                                const char *order_id, struct gateway_result *out);
+
+struct httploop;
+
+/* The loop version's completion: *out (given to the start call) is final. */
+typedef void (*gateway_call_cb)(void *arg);
+
+/*
+ * Loop thread. The same query as gateway_query_status_work, driven by hl (libcurl's multi
+ * interface on the loop: no thread per request). Returns 0 when the query is in flight (done
+ * runs later, on the loop, with *out final), or 1 when it ended at once (input refused, no
+ * free handle, out of memory: *out says why, done does not run). Never blocks.
+ */
+int gateway_query_status_start(struct gateway *g, struct httploop *hl, const char *user_id,
+                               const char *transaction_key, const char *order_id,
+                               struct gateway_result *out, gateway_call_cb done, void *arg);
 
 /*
  * Pool thread. Asks the PG to cancel (refund) amount_minor of a payment (amount_minor <= 0:
