@@ -13,6 +13,9 @@
 #include <stdbool.h>
 #include <stdlib.h>
 
+/* Idle connections kept for reuse (one per transfer that may be in flight at once). */
+#define HTTPLOOP_CONNECTIONS_MAX 1024
+
 struct httploop {
     uv_loop_t *loop;
     CURLM *multi;
@@ -187,6 +190,10 @@ int httploop_create(struct httploop **out, uv_loop_t *loop)
     curl_multi_setopt(hl->multi, CURLMOPT_SOCKETDATA, hl);
     curl_multi_setopt(hl->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
     curl_multi_setopt(hl->multi, CURLMOPT_TIMERDATA, hl);
+    /* Idle connections stay cached in the multi handle for the next transfers. curl's own
+     * default sizes the cache by the transfers added at the moment, so it shrinks as they
+     * finish and closes connections that the next burst must open again. */
+    curl_multi_setopt(hl->multi, CURLMOPT_MAXCONNECTS, (long)HTTPLOOP_CONNECTIONS_MAX);
     *out = hl;
     return 0;
 }
