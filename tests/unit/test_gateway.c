@@ -10,6 +10,7 @@
  */
 #include "settle/gateway.h"
 #include "settle/error.h"
+#include "settle/httploop.h"
 #include "unit.h"
 
 #include <arpa/inet.h>
@@ -23,6 +24,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <uv.h>
 
 #define KEY "20250816:TR:9577c5"
 #define CARD "1234-5678-9814-1451"
@@ -1122,6 +1124,96 @@ static void test_e2e_pool(void)
     gateway_destroy(g);
 }
 
+/* --- The loop version (httploop) ---------------------------------------------------------------
+ */
+
+struct loop_case {
+    const char *user, *key, *order;
+    struct gateway_result sync, async;
+    int started; /* gateway_query_status_start's answer */
+    int done;    /* completions seen (must end at 1 for a started query) */
+};
+
+static void on_loop_done(void *arg)
+{
+    struct loop_case *lc = arg;
+    lc->done++;
+}
+
+static void on_loop_closed(void *arg)
+{
+    (*(int *)arg)++;
+}
+
+/* Every kind of answer, all in flight at once on one loop, must come out exactly as the
+ * blocking version gives it: the same outcome, HTTP status, transaction and error. */
+static void test_e2e_loop_matches_blocking(void)
+{
+    struct loop_case cases[] = {
+        {"user-7", KEY, "ignored", {0}, {0}, 0, 0},   /* by key: SUCCESS */
+        {"user-7", "", "o-1", {0}, {0}, 0, 0},        /* the orderId list, then k-ok in full */
+        {"user-7", "nope", "o-full", {0}, {0}, 0, 0}, /* 404 by key, then by order */
+        {"user-7", "busy", "o", {0}, {0}, 0, 0},      /* 503 with Retry-After */
+        {"user-7", "bad400", "o", {0}, {0}, 0, 0},    /* rejected */
+        {"user-7", "garbage", "o", {0}, {0}, 0, 0},   /* not JSON */
+        {"user-7", "slow", "o", {0}, {0}, 0, 0},      /* over the 300 ms total timeout */
+        {"user-7", "huge", "o", {0}, {0}, 0, 0},      /* over the body cap */
+        {"", KEY, "o", {0}, {0}, 0, 0},               /* refused before sending */
+    };
+    size_t n = sizeof cases / sizeof cases[0];
+    struct gateway *g = gw_for(srv_port, (unsigned)n);
+    uv_loop_t loop;
+    struct httploop *hl = NULL;
+    int closed = 0;
+    if (g == NULL)
+        return;
+    for (size_t i = 0; i < n; i++)
+        gateway_query_status_work(g, cases[i].user, cases[i].key, cases[i].order, &cases[i].sync);
+    CHECK_EQ_INT(uv_loop_init(&loop), 0);
+    CHECK_EQ_INT(httploop_create(&hl, &loop), 0);
+    if (hl == NULL) {
+        gateway_destroy(g);
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        cases[i].started =
+            gateway_query_status_start(g, hl, cases[i].user, cases[i].key, cases[i].order,
+                                       &cases[i].async, on_loop_done, &cases[i]);
+    CHECK_EQ_INT(cases[n - 1].started, 1); /* refused at once, no callback */
+    CHECK(httploop_active(hl) > 0);
+    /* Bounded: every transfer ends within the 300 ms gateway timeout. */
+    for (int turns = 0; turns < 2000 && httploop_active(hl) > 0; turns++)
+        uv_run(&loop, UV_RUN_ONCE);
+    CHECK_EQ_INT(httploop_active(hl), 0);
+    for (size_t i = 0; i < n; i++) {
+        const struct gateway_result *a = &cases[i].async, *b = &cases[i].sync;
+        CHECK_EQ_INT(cases[i].done, cases[i].started == 0 ? 1 : 0);
+        CHECK_EQ_INT(a->outcome, b->outcome);
+        CHECK_EQ_INT(a->http_status, b->http_status);
+        CHECK_EQ_INT(a->request_sent, b->request_sent);
+        CHECK_EQ_INT(a->breaker_failure, b->breaker_failure);
+        CHECK_EQ_INT((long long)a->retry_after_ms, (long long)b->retry_after_ms);
+        CHECK_STR(a->tx.transaction_key, b->tx.transaction_key);
+        CHECK_EQ_INT(a->tx.amount_minor, b->tx.amount_minor);
+        CHECK_EQ_INT(a->tx.status, b->tx.status);
+        /* Timeouts name the elapsed milliseconds, which differ run to run. */
+        if (a->outcome != GATEWAY_TRANSIENT || a->http_status != 0)
+            CHECK_STR(a->error, b->error);
+    }
+    CHECK_EQ_INT(cases[0].async.outcome, GATEWAY_OK);
+    CHECK_STR(cases[1].async.tx.transaction_key, "k-ok");
+    CHECK_EQ_INT(cases[1].async.tx.amount_minor, 5000);
+    CHECK_STR(cases[2].async.tx.transaction_key, "k-full");
+    CHECK_EQ_INT(cases[6].async.outcome, GATEWAY_TRANSIENT);
+    CHECK(cases[6].async.breaker_failure);
+    httploop_close(hl, on_loop_closed, &closed);
+    for (int turns = 0; turns < 100 && closed == 0; turns++)
+        uv_run(&loop, UV_RUN_NOWAIT);
+    CHECK_EQ_INT(closed, 1);
+    CHECK_EQ_INT(uv_loop_close(&loop), 0); /* no handle left behind */
+    gateway_destroy(g);
+}
+
 int main(void)
 {
     /* The canned server is on loopback; a proxy from the environment must not intercept. */
@@ -1152,6 +1244,7 @@ int main(void)
         RUN(test_e2e_cancel);
         RUN(test_e2e_timeout);
         RUN(test_e2e_pool);
+        RUN(test_e2e_loop_matches_blocking);
     }
     RUN(test_e2e_closed_port);
     if (srv != NULL)
