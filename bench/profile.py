@@ -79,7 +79,9 @@ def batch(c, n, wrap, latency_ms=0, states=False):
           f"worker_cpu_us_per_job={m['cpu_s']['worker'] * 1e6 / n:.0f} "
           f"pg_cpu_us_per_job={m['cpu_s']['pg'] * 1e6 / n:.0f}")
     if states:
-        out = "\n".join(ln for ln in w.log_text().splitlines() if "mean ms per" in ln)
+        out = "\n".join(ln for ln in w.log_text().splitlines()
+                        if "mean ms per" in ln or "PostgreSQL load batches" in ln
+                        or "PostgreSQL store batches" in ln)
     return out
 
 

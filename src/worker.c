@@ -238,6 +238,7 @@ struct db_batch {
     uv_work_t work;
     struct worker *w;
     bool busy;
+    uint64_t queued_ns, started_ns, ended_ns; /* uv_hrtime: handed to the pool, run, done */
     enum db_kind kind;
     unsigned n;
     struct wjob *jobs[STORE_BATCH_MAX];
@@ -289,6 +290,9 @@ struct worker {
     struct db_batch *db;
     unsigned db_slots, db_busy;
     unsigned db_busy_kind[2]; /* by enum db_kind: at most db_slots / 2 (at least 1) each */
+    struct {
+        uint64_t batches, jobs, wait_ns, run_ns, back_ns;
+    } db_stats[2]; /* by enum db_kind, for the stop log */
     unsigned state_count[JOB_STATE_COUNT];
     uint64_t state_ns[JOB_STATE_COUNT]; /* time all jobs spent in each state (the stop log) */
     struct worker_counters counters;
@@ -1030,10 +1034,12 @@ static struct wjob *fifo_pop(struct wjob_fifo *f)
 static void db_batch_work(uv_work_t *req)
 {
     struct db_batch *b = req->data;
+    b->started_ns = uv_hrtime();
     if (b->kind == DB_LOAD)
         store_load_orders_work(b->w->store, b->load, b->n);
     else
         store_apply_outcomes_work(b->w->store, b->apply, b->n);
+    b->ended_ns = uv_hrtime();
 }
 
 static void db_kick(struct worker *w);
@@ -1046,6 +1052,12 @@ static void after_db_batch(uv_work_t *req, int status)
     enum db_kind kind = b->kind;
     unsigned n = b->n;
 
+    uint64_t now = uv_hrtime();
+    w->db_stats[kind].batches++;
+    w->db_stats[kind].jobs += n;
+    w->db_stats[kind].wait_ns += b->started_ns - b->queued_ns;
+    w->db_stats[kind].run_ns += b->ended_ns - b->started_ns;
+    w->db_stats[kind].back_ns += now - b->ended_ns;
     /* Copy the answers into the jobs and free the batch before any job moves on: a job's
      * next step may queue it (or another job) for the next batch. */
     for (unsigned i = 0; i < n; i++) {
@@ -1110,6 +1122,7 @@ static void db_kick(struct worker *w)
             }
         }
         b->busy = true;
+        b->queued_ns = uv_hrtime();
         w->db_busy++;
         w->db_busy_kind[b->kind]++;
         metrics_db_batch(w->metrics, b->kind == DB_LOAD ? "load" : "store", b->n);
@@ -2083,6 +2096,20 @@ static void worker_close(struct worker *w)
             off += (size_t)k;
         }
         log_write(LOG_LEVEL_INFO, NULL, NULL, "mean ms per claimed job by state: %s", line);
+    }
+    for (int k = DB_LOAD; k <= DB_STORE; k++) {
+        uint64_t nb = w->db_stats[k].batches;
+        if (nb == 0)
+            continue;
+        /* A batch's life: waiting for a pool thread, running (PostgreSQL), waiting for the
+         * loop to take the answers back. */
+        log_write(LOG_LEVEL_INFO, NULL, NULL,
+                  "PostgreSQL %s batches: %" PRIu64 ", mean %.1f jobs; mean ms queued %.2f, "
+                  "running %.2f, back to the loop %.2f",
+                  k == DB_LOAD ? "load" : "store", nb, (double)w->db_stats[k].jobs / (double)nb,
+                  (double)w->db_stats[k].wait_ns / 1e6 / (double)nb,
+                  (double)w->db_stats[k].run_ns / 1e6 / (double)nb,
+                  (double)w->db_stats[k].back_ns / 1e6 / (double)nb);
     }
     uv_timer_stop(&w->heartbeat);
     close_handle(w, (uv_handle_t *)&w->heartbeat);
