@@ -460,6 +460,18 @@ out:
     return rc;
 }
 
+/* A pooled connection can die while idle (server restart, failover, idle timeout). When a
+ * transaction failed on one before anything ran, this replaces it with a fresh connection so
+ * the caller can try once more. */
+static int session_reconnect(struct session *ss)
+{
+    PQfinish(ss->slot->conn);
+    ss->slot->conn = NULL;
+    ss->broken = false;
+    ss->reused = false;
+    return slot_connect(ss);
+}
+
 /* Opens a transaction (begin_sql) with the configured statement_timeout. */
 static int tx_begin(struct session *ss, const char *begin_sql)
 {
@@ -469,13 +481,8 @@ static int tx_begin(struct session *ss, const char *begin_sql)
     /* BEGIN: opens the transaction. */
     rc = exec_params(ss, begin_sql, 0, NULL, NULL);
     if (rc != 0 && ss->broken && ss->reused) {
-        /* A pooled connection can die while idle (server restart, failover, idle timeout).
-         * Nothing has been done yet, so one fresh connection is tried before giving up. */
-        PQfinish(ss->slot->conn);
-        ss->slot->conn = NULL;
-        ss->broken = false;
-        ss->reused = false;
-        rc = slot_connect(ss);
+        /* Nothing has been done yet: one fresh connection is tried before giving up. */
+        rc = session_reconnect(ss);
         if (rc == 0) {
             /* BEGIN: opens the transaction on the new connection. */
             rc = exec_params(ss, begin_sql, 0, NULL, NULL);
@@ -587,11 +594,7 @@ static int tx_pipeline(struct session *ss, const char *begin_sql, struct pipe_st
             PQclear(st[i].res);
             st[i].res = NULL;
         }
-        PQfinish(ss->slot->conn);
-        ss->slot->conn = NULL;
-        ss->broken = false;
-        ss->reused = false;
-        rc = slot_connect(ss);
+        rc = session_reconnect(ss);
         if (rc == 0)
             rc = pipeline_once(ss, begin_sql, st, n, &failed_at);
     }
@@ -937,11 +940,19 @@ out:
     return rc;
 }
 
+/* While a batch runs, an entry's status holds one of these (positive, so never an error or
+ * 0); every entry leaves the batch with 0 or a negative error. */
+enum {
+    BATCH_WAITING = 1,  /* sent, no answer yet */
+    BATCH_ANSWERED = 2, /* answered (a load: its order row read, items next; an outcome:
+                         * applied), final once the transaction ends well */
+};
+
 /* Gives every load of the batch that has no final answer yet the status rc and the text err. */
 static void loads_fail(struct store_load *l, size_t n, int rc, const char *err)
 {
     for (size_t i = 0; i < n; i++) {
-        if (l[i].status != 1 && l[i].status != 2)
+        if (l[i].status != BATCH_WAITING && l[i].status != BATCH_ANSWERED)
             continue;
         l[i].status = rc;
         copy_text(l[i].err, sizeof(l[i].err), err);
@@ -955,14 +966,13 @@ static void loads_place_order(struct session *ss, const PGresult *res, int row,
 {
     const char *id = PQgetvalue(res, row, 0);
     for (size_t i = 0; i < n; i++) {
-        if (l[i].status != 1 || strcmp(l[i].order_id, id) != 0)
+        if (l[i].status != BATCH_WAITING || strcmp(l[i].order_id, id) != 0)
             continue;
         ss->err = l[i].err;
         ss->err_len = sizeof(l[i].err);
         memset(l[i].order, 0, sizeof(*l[i].order));
         int rc = order_row_read(ss, res, row, l[i].order);
-        /* 2: the order row is read; its items come next. */
-        l[i].status = rc == 0 ? 2 : rc;
+        l[i].status = rc == 0 ? BATCH_ANSWERED : rc;
     }
 }
 
@@ -974,7 +984,7 @@ static void loads_place_item(struct session *ss, const PGresult *res, int row, s
     for (size_t i = 0; i < n; i++) {
         struct store_order *o = l[i].order;
         int64_t qty;
-        if (l[i].status != 2 || strcmp(l[i].order_id, id) != 0)
+        if (l[i].status != BATCH_ANSWERED || strcmp(l[i].order_id, id) != 0)
             continue;
         ss->err = l[i].err;
         ss->err_len = sizeof(l[i].err);
@@ -1010,10 +1020,9 @@ int store_load_orders_work(struct store *s, struct store_load *l, size_t n)
 
     if (s == NULL || l == NULL || n == 0 || n > STORE_BATCH_MAX)
         return SETTLE_EINVAL;
-    /* Status 1 marks "no answer yet" while the batch runs; 2 "order read, items next". */
     for (size_t i = 0; i < n; i++) {
         l[i].err[0] = '\0';
-        l[i].status = 1;
+        l[i].status = BATCH_WAITING;
         if (l[i].order_id == NULL || l[i].order_id[0] == '\0' || l[i].order == NULL) {
             l[i].status = SETTLE_EINVAL;
             copy_text(l[i].err, sizeof(l[i].err), "no order id");
@@ -1063,10 +1072,10 @@ out:
     if (rc != 0)
         loads_fail(l, n, rc, err);
     for (size_t i = 0; i < n; i++) {
-        if (l[i].status == 1) {
+        if (l[i].status == BATCH_WAITING) {
             l[i].status = SETTLE_ENOTFOUND;
             copy_text(l[i].err, sizeof(l[i].err), "order not found");
-        } else if (l[i].status == 2) {
+        } else if (l[i].status == BATCH_ANSWERED) {
             l[i].status = 0;
         }
     }
@@ -1074,30 +1083,6 @@ out:
     PQclear(st[0].res);
     PQclear(st[1].res);
     session_close(&ss);
-    return rc;
-}
-
-int store_load_order_work(struct store *s, const char *order_id, struct store_order *out, char *err,
-                          size_t err_len)
-{
-    struct store_load *l = calloc(1, sizeof(*l));
-    int rc;
-
-    if (err != NULL && err_len > 0)
-        err[0] = '\0';
-    if (l == NULL)
-        return SETTLE_ENOMEM;
-    if (s == NULL || order_id == NULL || order_id[0] == '\0' || out == NULL) {
-        free(l);
-        return SETTLE_EINVAL;
-    }
-    l->order_id = order_id;
-    l->order = out;
-    store_load_orders_work(s, l, 1);
-    rc = l->status;
-    if (rc != 0 && err != NULL && err_len > 0)
-        copy_text(err, err_len, l->err);
-    free(l);
     return rc;
 }
 
@@ -1323,7 +1308,7 @@ static int apply_row_read(struct session *ss, const PGresult *res, int row, stru
     bool drop;
 
     if (parse_i64(PQgetvalue(res, row, 0), &i) != 0 || i < 0 || (size_t)i >= n ||
-        a[i].status != 1) {
+        a[i].status != BATCH_WAITING) {
         err_set(ss->err, ss->err_len, "postgresql: ", "unexpected row from settle_apply_outcomes");
         return SETTLE_EINTERNAL;
     }
@@ -1339,8 +1324,7 @@ static int apply_row_read(struct session *ss, const PGresult *res, int row, stru
     }
     a[i].applied = PQgetvalue(res, row, 1)[0] == 't';
     copy_text(a[i].status_after, sizeof(a[i].status_after), PQgetvalue(res, row, 2));
-    /* 2: applied inside the transaction; final once COMMIT returned. */
-    a[i].status = 2;
+    a[i].status = BATCH_ANSWERED;
     return 0;
 }
 
@@ -1362,7 +1346,6 @@ int store_apply_outcomes_work(struct store *s, struct store_apply *a, size_t n)
         rc = SETTLE_ENOMEM;
         goto out;
     }
-    /* Status 1 marks "sent, no answer yet" while the batch runs. */
     for (size_t i = 0; i < n; i++) {
         a[i].applied = false;
         a[i].status_after[0] = '\0';
@@ -1376,7 +1359,7 @@ int store_apply_outcomes_work(struct store *s, struct store_apply *a, size_t n)
             a[i].status = SETTLE_ENOMEM;
             continue;
         }
-        a[i].status = 1;
+        a[i].status = BATCH_WAITING;
         sent++;
     }
     if (sent == 0)
@@ -1403,9 +1386,9 @@ int store_apply_outcomes_work(struct store *s, struct store_apply *a, size_t n)
         rc = apply_row_read(&ss, st.res, row, a, n);
 out:
     for (size_t i = 0; i < n; i++) {
-        if (a[i].status == 2 && rc == 0) {
+        if (a[i].status == BATCH_ANSWERED && rc == 0) {
             a[i].status = 0;
-        } else if (a[i].status == 1 || a[i].status == 2) {
+        } else if (a[i].status == BATCH_WAITING || a[i].status == BATCH_ANSWERED) {
             /* No answer for this job, or its answer was not committed. */
             a[i].applied = false;
             a[i].status_after[0] = '\0';
@@ -1418,39 +1401,6 @@ out:
     session_close(&ss);
     json_decref(batch);
     free(text);
-    return rc;
-}
-
-int store_apply_outcome_work(struct store *s, const struct store_outcome *o, bool *applied,
-                             char *status_after, char *err, size_t err_len)
-{
-    struct store_apply *a = calloc(1, sizeof(*a));
-    int rc;
-
-    if (err != NULL && err_len > 0)
-        err[0] = '\0';
-    if (applied != NULL)
-        *applied = false;
-    if (status_after != NULL)
-        status_after[0] = '\0';
-    if (a == NULL)
-        return SETTLE_ENOMEM;
-    if (s == NULL || o == NULL) {
-        free(a);
-        return SETTLE_EINVAL;
-    }
-    a->o = o;
-    store_apply_outcomes_work(s, a, 1);
-    rc = a->status;
-    if (rc == 0) {
-        if (applied != NULL)
-            *applied = a->applied;
-        if (status_after != NULL)
-            memcpy(status_after, a->status_after, STORE_STATUS_MAX);
-    } else if (err != NULL && err_len > 0) {
-        copy_text(err, err_len, a->err);
-    }
-    free(a);
     return rc;
 }
 

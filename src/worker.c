@@ -285,11 +285,12 @@ struct worker {
     unsigned in_flight;
 
     /* PostgreSQL batches (see "PostgreSQL batches" below): jobs waiting to be loaded or
-     * stored, in arrival order, and the preallocated batches (db_busy of them out). */
+     * stored, in arrival order, and the db_slots preallocated batches, db_busy[kind] of them
+     * out (at most db_slots / 2 of a kind, at least 1). */
     struct wjob_fifo load_wait, store_wait;
     struct db_batch *db;
-    unsigned db_slots, db_busy;
-    unsigned db_busy_kind[2]; /* by enum db_kind: at most db_slots / 2 (at least 1) each */
+    unsigned db_slots;
+    unsigned db_busy[2]; /* by enum db_kind */
     struct {
         uint64_t batches, jobs, wait_ns, run_ns, back_ns;
     } db_stats[2]; /* by enum db_kind, for the stop log */
@@ -1075,8 +1076,7 @@ static void after_db_batch(uv_work_t *req, int status)
     }
     b->busy = false;
     b->n = 0;
-    w->db_busy--;
-    w->db_busy_kind[kind]--;
+    w->db_busy[kind]--;
     for (unsigned i = 0; i < n; i++) {
         if (kind == DB_LOAD)
             load_done(jobs[i], status);
@@ -1095,16 +1095,16 @@ static void db_kick(struct worker *w)
 {
     unsigned per_kind = w->db_slots > 1 ? w->db_slots / 2 : 1;
     for (;;) {
-        bool store = w->store_wait.n > 0 && w->db_busy_kind[DB_STORE] < per_kind;
-        bool load = w->load_wait.n > 0 && w->db_busy_kind[DB_LOAD] < per_kind;
-        if (w->db_busy >= w->db_slots || (!store && !load))
+        bool store = w->store_wait.n > 0 && w->db_busy[DB_STORE] < per_kind;
+        bool load = w->load_wait.n > 0 && w->db_busy[DB_LOAD] < per_kind;
+        if (w->db_busy[DB_LOAD] + w->db_busy[DB_STORE] >= w->db_slots || (!store && !load))
             break;
         struct db_batch *b = NULL;
         for (unsigned i = 0; i < w->db_slots && b == NULL; i++)
             if (!w->db[i].busy)
                 b = &w->db[i];
         if (b == NULL)
-            abort(); /* db_busy counts the busy batches: one is free */
+            abort(); /* db_busy counts the busy batches, under db_slots: one is free */
         b->kind = store ? DB_STORE : DB_LOAD;
         struct wjob_fifo *f = b->kind == DB_STORE ? &w->store_wait : &w->load_wait;
         unsigned max = w->cfg->db_batch < STORE_BATCH_MAX ? w->cfg->db_batch : STORE_BATCH_MAX;
@@ -1123,8 +1123,7 @@ static void db_kick(struct worker *w)
         }
         b->busy = true;
         b->queued_ns = uv_hrtime();
-        w->db_busy++;
-        w->db_busy_kind[b->kind]++;
+        w->db_busy[b->kind]++;
         metrics_db_batch(w->metrics, b->kind == DB_LOAD ? "load" : "store", b->n);
         uv_queue_work(w->loop, &b->work, db_batch_work, after_db_batch);
     }
@@ -2287,7 +2286,7 @@ int worker_run(const struct config *cfg)
      * what saves PostgreSQL work; more batches at once make each one smaller and only add
      * contention. Connections beyond them serve refunds' own transactions, the scheduler and
      * the health check; with a pool too small for that, batches wait for a connection. */
-    w->db_slots = cfg->db_batch_concurrency > 0 ? cfg->db_batch_concurrency : 1;
+    w->db_slots = cfg->db_batch_concurrency; /* config: 1..256 */
     w->db = calloc(w->db_slots, sizeof(*w->db));
     if (w->db == NULL)
         goto out_free;

@@ -70,11 +70,6 @@ struct store_order {
     struct store_item items[STORE_ITEMS_MAX]; /* sorted by sku */
 };
 
-/* Loads an order with its items and payment. SETTLE_ENOTFOUND when there is no such order;
- * SETTLE_ETOOBIG when it has more than STORE_ITEMS_MAX items. */
-int store_load_order_work(struct store *s, const char *order_id, struct store_order *out, char *err,
-                          size_t err_len);
-
 /* The most jobs one batched load or outcome write takes (SETTLE_DB_BATCH is capped here). */
 #define STORE_BATCH_MAX 64
 
@@ -82,14 +77,15 @@ int store_load_order_work(struct store *s, const char *order_id, struct store_or
 struct store_load {
     const char *order_id;      /* in */
     struct store_order *order; /* out, filled when status == 0 */
-    int status;                /* out: 0 or this order's error, as store_load_order_work */
+    int status;                /* out: 0, SETTLE_ENOTFOUND (no such order), SETTLE_ETOOBIG
+                                * (over STORE_ITEMS_MAX items), or the transaction's error */
     char err[STORE_ERR_MAX];   /* out: the error's text */
 };
 
 /*
- * Loads n (1..STORE_BATCH_MAX) orders in one read-only REPEATABLE READ transaction: two
- * statements (orders with their payments, then every item) for the whole batch, so each
- * order is read from the same snapshot, as store_load_order_work reads one. Every l[i] gets
+ * Loads n (1..STORE_BATCH_MAX) orders, each with its items (sorted by sku) and payment, in
+ * one read-only REPEATABLE READ transaction: two statements (orders with their payments, then
+ * every item) for the whole batch, so every order is read from one snapshot. Every l[i] gets
  * its own status; a failure of the transaction itself is given to every order. Returns 0
  * when the transaction ran (some orders may still be missing), else that failure.
  */
@@ -129,16 +125,6 @@ struct store_outcome {
     uint64_t enqueued_ms; /* epoch ms */
 };
 
-/*
- * Applies one outcome in one transaction. The order transition happens only when the order
- * is still PENDING (a callback handler may have got there first: that is respected, not an
- * error). *applied says whether it happened; status_after (STORE_STATUS_MAX bytes, may be
- * NULL) receives the order's status after the transaction. The job_log insert is ON
- * CONFLICT DO NOTHING, so a redelivered job keeps its first row.
- */
-int store_apply_outcome_work(struct store *s, const struct store_outcome *o, bool *applied,
-                             char *status_after, char *err, size_t err_len);
-
 /* One job of a batched outcome write. */
 struct store_apply {
     const struct store_outcome *o;       /* in */
@@ -150,6 +136,11 @@ struct store_apply {
 
 /*
  * Applies n (1..STORE_BATCH_MAX) outcomes in one transaction through settle_apply_outcomes()
+ * (ops/sql/004_outcome_batch.sql). An order's transition happens only when the order is still
+ * PENDING (a callback handler may have got there first: that is respected, not an error);
+ * a[i].applied says whether it did and a[i].status_after is the order's status after the
+ * transaction. The job_log insert is ON CONFLICT DO NOTHING, so a redelivered job keeps its
+ * first row.
  * (ops/sql/004_outcome_batch.sql): each job runs the same guarded statements as a single one
  * would, in its own savepoint, so a job the database refuses (a constraint: SETTLE_EREJECTED;
  * a deadlock: SETTLE_EUNAVAILABLE) is rolled back alone and reported in its a[i].status while

@@ -39,6 +39,15 @@
 -- Output: one row per job: (i, changed, status_after, sqlstate, message); sqlstate NULL when
 -- the job's statements succeeded.
 
+-- One job's outcome as the batch carries it (the fields listed above).
+CREATE TYPE settle_outcome AS (
+    i integer, action text, order_id text, transaction_key text, amount_minor bigint,
+    payment_status text, reason text, card_type text, card_last4 text, next_check_ms bigint,
+    job_id text, queue text, producer_id text, outcome text, result text,
+    result_unapplied text, attempts integer, deliveries integer, last_error text, worker text,
+    enqueued_ms bigint
+);
+
 CREATE FUNCTION settle_payment_upsert(p_order text, p_tx text, p_amount bigint, p_status text,
                                       p_reason text, p_card_type text, p_last4 text)
 RETURNS void LANGUAGE plpgsql AS $$
@@ -98,13 +107,7 @@ BEGIN
          WHERE e->>'action' IS DISTINCT FROM 'none') IS NOT FALSE THEN
         BEGIN
             WITH b AS (
-                SELECT * FROM jsonb_to_recordset(p_batch) AS x(
-                    i integer, action text, order_id text, transaction_key text,
-                    amount_minor bigint, payment_status text, reason text, card_type text,
-                    card_last4 text, next_check_ms bigint, job_id text, queue text,
-                    producer_id text, outcome text, result text, result_unapplied text,
-                    attempts integer, deliveries integer, last_error text, worker text,
-                    enqueued_ms bigint)
+                SELECT * FROM jsonb_populate_recordset(NULL::settle_outcome, p_batch)
             ), upd AS (
                 -- Each order leaves PENDING (or is re-scheduled) only if still PENDING.
                 UPDATE orders o SET
@@ -195,13 +198,7 @@ BEGIN
         END;
     END IF;
 
-    FOR r IN SELECT * FROM jsonb_to_recordset(p_batch) AS x(
-                 i integer, action text, order_id text, transaction_key text,
-                 amount_minor bigint, payment_status text, reason text, card_type text,
-                 card_last4 text, next_check_ms bigint, job_id text, queue text,
-                 producer_id text, outcome text, result text, result_unapplied text,
-                 attempts integer, deliveries integer, last_error text, worker text,
-                 enqueued_ms bigint)
+    FOR r IN SELECT * FROM jsonb_populate_recordset(NULL::settle_outcome, p_batch)
     LOOP
         o_i := r.i;
         o_changed := false;
