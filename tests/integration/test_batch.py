@@ -5,6 +5,7 @@ transaction gives: every order in its right state, stock taken once, one job_log
 and a job the database refuses (CHECK stock >= 0) dead-lettered alone while the rest of its
 batch commits. The settle_db_batch_jobs histogram shows whether batches really formed."""
 
+import json
 import os
 import re
 import sys
@@ -137,6 +138,45 @@ def test_batch_of_one_is_one_job_per_transaction(c):
     buckets, count = scrape_histogram(w, "settle_db_batch_jobs", step="store")
     # Every job is stored once, the refused one twice (its dead row after the refusal).
     assert count == n_jobs + 1 and buckets["1"] == count, (buckets, count)
+
+
+def test_outcome_batch_reads_orders_by_key_only(c):
+    """settle_apply_outcomes() plans once per connection with the batch counted as 100 rows;
+    against a few thousand orders PostgreSQL then preferred a sequential scan of the whole
+    orders table for the status it reports (migration 004). Its plans, logged by auto_explain
+    for a batch mixing moved and unmoved orders, must reach orders by key only."""
+    c.migrate()
+    c.add_product("sku-m", 10**6)
+    n = 5000
+    c.sql("INSERT INTO orders (id, user_id, amount_minor) "
+          "SELECT 'pl-' || g, 'u1', 1000 FROM generate_series(1, %s) g", (n,))
+    c.sql("INSERT INTO order_items (order_id, sku, qty) "
+          "SELECT 'pl-' || g, 'sku-m', 1 FROM generate_series(1, %s) g", (n,))
+    c.sql("UPDATE orders SET status = 'COMPLETED' WHERE id = 'pl-2'")
+    c.sql("ANALYZE")
+    conn = c._connect("settle")
+    try:
+        cur = conn.cursor()
+        for stmt in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                     "SET auto_explain.log_nested_statements = on",
+                     "SET auto_explain.log_level = notice", "SET client_min_messages = notice"):
+            cur.execute(stmt)
+        batch = [{"i": i, "action": "complete", "order_id": f"pl-{i}", "amount_minor": 1000,
+                  "transaction_key": f"tx-{i}", "job_id": f"j-{i}", "queue": Q,
+                  "outcome": "done", "result": "completed", "result_unapplied": "skipped",
+                  "attempts": 0, "deliveries": 1, "worker": "t"} for i in range(1, 5)]
+        cur.execute("SELECT o_i, o_changed, o_status FROM settle_apply_outcomes(%s::jsonb) "
+                    "ORDER BY o_i", (json.dumps(batch),))
+        rows = cur.fetchall()
+    finally:
+        conn.close()
+    # pl-2 was COMPLETED already: not moved, its status reported as read by key.
+    assert rows == [(1, True, "COMPLETED"), (2, False, "COMPLETED"), (3, True, "COMPLETED"),
+                    (4, True, "COMPLETED")], rows
+    plans = "".join(conn.notices)
+    assert "Insert on job_log" in plans, "auto_explain logged no plan of the batch statement"
+    assert "Seq Scan on orders" not in plans, plans
+    assert c.product_stock("sku-m") == 10**6 - 3
 
 
 if __name__ == "__main__":
