@@ -23,7 +23,6 @@
 
 #include <errno.h>
 #include <inttypes.h>
-#include <jansson.h>
 #include <libpq-fe.h>
 #include <limits.h>
 #include <pthread.h>
@@ -1236,25 +1235,114 @@ static const char *const action_names[] = {
     [STORE_ACTION_RESCHEDULE] = "reschedule",
 };
 
-/* Sets key to a JSON string (NULL: JSON null). Returns false when out of memory. */
-static bool json_put_text(json_t *obj, const char *key, const char *v)
+/*
+ * The batch's JSON text, written directly: an object tree (jansson) per outcome cost a
+ * dozen allocations per job on the hottest path. Grows by doubling; oom sticks.
+ */
+struct jtext {
+    char *p;
+    size_t len, cap;
+    bool oom;
+};
+
+/* Room for need more bytes and the terminating NUL. */
+static bool jt_room(struct jtext *t, size_t need)
 {
-    json_t *j = v != NULL ? json_string(v) : json_null();
-    return j != NULL && json_object_set_new(obj, key, j) == 0;
+    if (t->oom)
+        return false;
+    if (t->cap > t->len && t->cap - t->len > need)
+        return true;
+    size_t cap = t->cap != 0 ? t->cap : 4096;
+    while (cap - t->len <= need) {
+        if (cap > SIZE_MAX / 2) {
+            t->oom = true;
+            return false;
+        }
+        cap *= 2;
+    }
+    char *p = realloc(t->p, cap);
+    if (p == NULL) {
+        t->oom = true;
+        return false;
+    }
+    t->p = p;
+    t->cap = cap;
+    return true;
 }
 
-static bool json_put_int(json_t *obj, const char *key, int64_t v, bool present)
+static void jt_raw(struct jtext *t, const char *s)
 {
-    json_t *j = present ? json_integer((json_int_t)v) : json_null();
-    return j != NULL && json_object_set_new(obj, key, j) == 0;
+    size_t n = strlen(s);
+    if (!jt_room(t, n))
+        return;
+    memcpy(t->p + t->len, s, n + 1);
+    t->len += n;
+}
+
+/* key (with its separator, e.g. ",\"order_id\":") then v as a JSON string, or null. '"', '\'
+ * and control characters are escaped; bytes that are not valid UTF-8 become '?' (PostgreSQL
+ * would refuse the whole batch's jsonb for one of them). */
+static void jt_text(struct jtext *t, const char *key, const char *v)
+{
+    static const char hex[] = "0123456789abcdef";
+    jt_raw(t, key);
+    if (v == NULL) {
+        jt_raw(t, "null");
+        return;
+    }
+    size_t len = strlen(v);
+    if (len > (SIZE_MAX - 3) / 6 || !jt_room(t, 6 * len + 2))
+        return;
+    char *o = t->p + t->len;
+    *o++ = '"';
+    for (size_t k = 0; k < len;) {
+        unsigned char ch = (unsigned char)v[k];
+        size_t sl = utf8_seq_len((const unsigned char *)v + k, len - k);
+        if (sl == 0) {
+            *o++ = '?';
+            k++;
+        } else if (sl > 1) {
+            memcpy(o, v + k, sl);
+            o += sl;
+            k += sl;
+        } else if (ch == '"' || ch == '\\') {
+            *o++ = '\\';
+            *o++ = (char)ch;
+            k++;
+        } else if (ch < 0x20) {
+            memcpy(o, "\\u00", 4);
+            o[4] = hex[ch >> 4];
+            o[5] = hex[ch & 0xF];
+            o += 6;
+            k++;
+        } else {
+            *o++ = (char)ch;
+            k++;
+        }
+    }
+    *o++ = '"';
+    *o = '\0';
+    t->len = (size_t)(o - t->p);
+}
+
+static void jt_int(struct jtext *t, const char *key, int64_t v, bool present)
+{
+    char num[24];
+    jt_raw(t, key);
+    if (!present) {
+        jt_raw(t, "null");
+        return;
+    }
+    snprintf(num, sizeof(num), "%" PRId64, v);
+    jt_raw(t, num);
 }
 
 /*
- * The jsonb element settle_apply_outcomes() takes for outcome o, index i. Free text is cleaned
- * first (text_dup_clean: valid UTF-8, card numbers masked); only ever the last four digits of
- * a card go in. NULL when out of memory.
+ * Appends the jsonb element settle_apply_outcomes() takes for outcome o, index i. Free text
+ * is cleaned first (text_dup_clean: valid UTF-8, card numbers masked); only ever the last
+ * four digits of a card go in. Out of memory sets t->oom.
  */
-static json_t *outcome_json(const struct store_outcome *o, size_t i)
+static void outcome_json(struct jtext *t, const struct store_outcome *o, size_t i)
 {
     bool oom = false;
     const char *reason =
@@ -1266,38 +1354,37 @@ static json_t *outcome_json(const struct store_outcome *o, size_t i)
                                 strspn(o->card_last4, "0123456789") == 4
                             ? o->card_last4
                             : NULL;
-    json_t *e = oom ? NULL : json_object();
-    bool ok = e != NULL;
 
-    ok = ok && json_put_int(e, "i", (int64_t)i, true);
-    ok = ok && json_put_text(e, "action", action_names[o->action]);
-    ok = ok && json_put_text(e, "order_id", o->order_id);
-    ok = ok && json_put_text(e, "transaction_key", o->transaction_key);
-    ok = ok && json_put_int(e, "amount_minor", o->amount_minor, o->amount_minor > 0);
-    ok = ok && json_put_text(e, "payment_status", o->payment_status);
-    ok = ok && json_put_text(e, "reason", t_reason);
-    ok = ok && json_put_text(e, "card_type", t_card_type);
-    ok = ok && json_put_text(e, "card_last4", last4);
-    ok = ok && json_put_int(e, "next_check_ms", (int64_t)o->next_check_in_ms, true);
-    ok = ok && json_put_text(e, "job_id", o->job_id);
-    ok = ok && json_put_text(e, "queue", o->queue);
-    ok = ok && json_put_text(e, "producer_id", o->producer_id);
-    ok = ok && json_put_text(e, "outcome", o->outcome);
-    ok = ok && json_put_text(e, "result", o->result);
-    ok = ok && json_put_text(e, "result_unapplied", o->result_unapplied);
-    ok = ok && json_put_int(e, "attempts", o->attempts, true);
-    ok = ok && json_put_int(e, "deliveries", o->deliveries, true);
-    ok = ok && json_put_text(e, "last_error", t_last_error);
-    ok = ok && json_put_text(e, "worker", o->worker_id);
-    ok = ok && json_put_int(e, "enqueued_ms", (int64_t)o->enqueued_ms, o->enqueued_ms != 0);
+    if (oom) {
+        t->oom = true;
+    } else {
+        jt_raw(t, t->len > 1 ? ",{" : "{");
+        jt_int(t, "\"i\":", (int64_t)i, true);
+        jt_text(t, ",\"action\":", action_names[o->action]);
+        jt_text(t, ",\"order_id\":", o->order_id);
+        jt_text(t, ",\"transaction_key\":", o->transaction_key);
+        jt_int(t, ",\"amount_minor\":", o->amount_minor, o->amount_minor > 0);
+        jt_text(t, ",\"payment_status\":", o->payment_status);
+        jt_text(t, ",\"reason\":", t_reason);
+        jt_text(t, ",\"card_type\":", t_card_type);
+        jt_text(t, ",\"card_last4\":", last4);
+        jt_int(t, ",\"next_check_ms\":", (int64_t)o->next_check_in_ms, true);
+        jt_text(t, ",\"job_id\":", o->job_id);
+        jt_text(t, ",\"queue\":", o->queue);
+        jt_text(t, ",\"producer_id\":", o->producer_id);
+        jt_text(t, ",\"outcome\":", o->outcome);
+        jt_text(t, ",\"result\":", o->result);
+        jt_text(t, ",\"result_unapplied\":", o->result_unapplied);
+        jt_int(t, ",\"attempts\":", o->attempts, true);
+        jt_int(t, ",\"deliveries\":", o->deliveries, true);
+        jt_text(t, ",\"last_error\":", t_last_error);
+        jt_text(t, ",\"worker\":", o->worker_id);
+        jt_int(t, ",\"enqueued_ms\":", (int64_t)o->enqueued_ms, o->enqueued_ms != 0);
+        jt_raw(t, "}");
+    }
     free(t_reason);
     free(t_card_type);
     free(t_last_error);
-    if (!ok) {
-        json_decref(e);
-        return NULL;
-    }
-    return e;
 }
 
 /* Reads one row of settle_apply_outcomes() into the job it names. */
@@ -1334,42 +1421,36 @@ int store_apply_outcomes_work(struct store *s, struct store_apply *a, size_t n)
     const char *params[1] = {NULL};
     struct session ss = {0};
     struct pipe_stmt st = {0};
-    json_t *batch = NULL;
-    char *text = NULL;
+    struct jtext text = {0};
     size_t sent = 0;
     int rc = 0;
 
     if (s == NULL || a == NULL || n == 0 || n > STORE_BATCH_MAX)
         return SETTLE_EINVAL;
-    batch = json_array();
-    if (batch == NULL) {
-        rc = SETTLE_ENOMEM;
-        goto out;
-    }
     for (size_t i = 0; i < n; i++) {
         a[i].applied = false;
         a[i].status_after[0] = '\0';
         a[i].err[0] = '\0';
         a[i].status =
             a[i].o != NULL ? outcome_check(a[i].o, a[i].err, sizeof(a[i].err)) : SETTLE_EINVAL;
-        if (a[i].status != 0)
-            continue;
-        json_t *e = outcome_json(a[i].o, i);
-        if (e == NULL || json_array_append_new(batch, e) != 0) {
-            a[i].status = SETTLE_ENOMEM;
-            continue;
+        if (a[i].status == 0) {
+            a[i].status = BATCH_WAITING;
+            sent++;
         }
-        a[i].status = BATCH_WAITING;
-        sent++;
     }
     if (sent == 0)
         goto out;
-    text = json_dumps(batch, JSON_COMPACT);
-    if (text == NULL) {
+    jt_raw(&text, "[");
+    for (size_t i = 0; i < n; i++)
+        if (a[i].status == BATCH_WAITING)
+            outcome_json(&text, a[i].o, i);
+    jt_raw(&text, "]");
+    /* One failed append leaves the text unusable: the whole batch is out of memory. */
+    if (text.oom) {
         rc = SETTLE_ENOMEM;
         goto out;
     }
-    params[0] = text;
+    params[0] = text.p;
     rc = session_open(s, &ss, err, sizeof(err));
     if (rc != 0)
         goto out;
@@ -1399,8 +1480,7 @@ out:
     }
     PQclear(st.res);
     session_close(&ss);
-    json_decref(batch);
-    free(text);
+    free(text.p);
     return rc;
 }
 

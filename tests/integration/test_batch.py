@@ -15,6 +15,8 @@ import harness  # noqa: E402
 
 Q = "reconcile"
 N_OK, N_FAILED, N_DONE = 30, 5, 3
+# A producer id that needs JSON escaping on its way into the batch's jsonb, and non-ASCII.
+ODD_ID = 'p-"quoted"\\back\u00e9\U0001F600'
 
 
 def scrape_histogram(w, name, **labels):
@@ -78,6 +80,7 @@ def prepare(c):
     # PostgreSQL now holds fewer sku-low units than Redis promised: completing bad-00 breaks
     # CHECK (stock >= 0), which must refuse that one job and nothing else.
     c.sql("UPDATE products SET stock = 0 WHERE sku = 'sku-low'")
+    jobs[0]["id"] = ODD_ID
     for j in jobs:
         c.push_job(Q, j)
     return expect
@@ -96,6 +99,7 @@ def run(c, batch):
     harness.wait_until(finished, 30, what=f"all jobs finished, one dead: {c.queue_depths(Q)}")
 
     statuses = dict(c.sql("SELECT id, status FROM orders"))
+    assert [r["producer_id"] for r in c.job_log("ok-00")] == [ODD_ID], c.job_log("ok-00")
     logs = {}
     for r in c.job_log():
         logs.setdefault(r["order_id"], []).append((r["outcome"], r["result"]))
