@@ -73,6 +73,10 @@ def test_metrics_agree_with_what_the_worker_did(c):
     c.admin_inject(ok[0]["transaction_key"], 503, count=1)
     harness.wait_until(lambda: c.sql_value("SELECT count(*) FROM job_log") == 10, 20,
                        what="10 finished jobs")
+    # A job's job_log row commits before the worker acknowledges it in Redis and counts it:
+    # wait for the counting too.
+    wait_metric(w, "settle_worker_inflight_jobs", 0)
+    wait_metric(w, "settle_job_duration_seconds_count", 10, queue="reconcile")
     s = samples(scrape(w).body.decode())
     assert value(s, "settle_jobs_finished_total", queue="reconcile", outcome="done",
                  result="completed") == 6, s
