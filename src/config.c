@@ -77,6 +77,8 @@ static const struct var vars[] = {
      "comma-separated queues this process works (reconcile, refund)"},
     {"SETTLE_CONCURRENCY", VAR_UINT, OFF(concurrency), "32", 1, 1024, 0,
      "jobs in flight per process"},
+    {"SETTLE_STATUS_CONCURRENCY", VAR_UINT, OFF(status_concurrency), "0", 0, 1024, 0,
+     "PG status queries in flight per process; 0 = SETTLE_CONCURRENCY, never more"},
     {"SETTLE_CLAIM_BATCH", VAR_UINT, OFF(claim_batch), "64", 1, 1000, 0, "jobs taken per claim"},
     {"SETTLE_DB_POOL_SIZE", VAR_UINT, OFF(db_pool_size), "0", 0, 256, 0,
      "PostgreSQL connections; 0 = min(concurrency, 16)"},
@@ -458,6 +460,9 @@ static void resolve_auto(struct config *c)
      * (or PgBouncer) suffers more than one worker gains. */
     if (c->db_pool_size == 0)
         c->db_pool_size = c->concurrency < 16 ? c->concurrency : 16;
+    /* A worker never has more status queries out than jobs. */
+    if (c->status_concurrency == 0 || c->status_concurrency > c->concurrency)
+        c->status_concurrency = c->concurrency;
 }
 
 int config_defaults(struct config *c)

@@ -74,6 +74,7 @@
 enum job_state {
     JOB_CLAIMED = 0,
     JOB_LOADING,
+    JOB_STATUS_WAIT, /* waiting for one of SETTLE_STATUS_CONCURRENCY status query slots */
     JOB_QUERYING,
     JOB_STOCK,
     JOB_REFUND_ENQUEUE,
@@ -90,8 +91,9 @@ enum job_state {
 };
 
 static const char *const job_state_names[JOB_STATE_COUNT] = {
-    "claimed",    "loading",   "querying", "stock",      "refund_enqueue", "storing",   "opening",
-    "cancelling", "resolving", "marking",  "restocking", "settling",       "finishing", "done",
+    "claimed",        "loading",    "status_wait", "querying",   "stock",
+    "refund_enqueue", "storing",    "opening",     "cancelling", "resolving",
+    "marking",        "restocking", "settling",    "finishing",  "done",
 };
 
 /* allowed[from][to]: the only transitions job_set_state accepts. Any state may go to DONE,
@@ -102,7 +104,13 @@ static const bool job_allowed[JOB_STATE_COUNT][JOB_STATE_COUNT] = {
                      [JOB_STORING] = 1,
                      [JOB_FINISHING] = 1,
                      [JOB_DONE] = 1},
-    [JOB_LOADING] = {[JOB_QUERYING] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
+    [JOB_LOADING] = {[JOB_STATUS_WAIT] = 1,
+                     [JOB_QUERYING] = 1,
+                     [JOB_STORING] = 1,
+                     [JOB_FINISHING] = 1,
+                     [JOB_DONE] = 1},
+    [JOB_STATUS_WAIT] =
+        {[JOB_QUERYING] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
     [JOB_QUERYING] = {[JOB_STOCK] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
     [JOB_STOCK] =
         {[JOB_REFUND_ENQUEUE] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
@@ -195,7 +203,9 @@ struct wjob {
     bool restock_failed;
     int restock_status; /* the failed restock's error */
 
-    struct wjob *db_next; /* the worker's load or store FIFO while waiting for a batch */
+    /* The one FIFO of the worker the job waits in: a load or store batch, or a status query
+     * slot. */
+    struct wjob *fifo_next;
 
     enum finish_op finish;
     uint64_t finish_delay_ms;
@@ -220,7 +230,7 @@ struct wqueue {
     uv_timer_t wake_timer; /* claims again when a delayed job falls due or after an error */
 };
 
-/* A first-in first-out list of jobs, linked through wjob.db_next. */
+/* A first-in first-out list of jobs, linked through wjob.fifo_next. */
 struct wjob_fifo {
     struct wjob *head, *tail;
     unsigned n;
@@ -288,6 +298,11 @@ struct worker {
      * stored, in arrival order, and the db_slots preallocated batches, db_busy[kind] of them
      * out (at most db_slots / 2 of a kind, at least 1). */
     struct wjob_fifo load_wait, store_wait;
+    /* Reconcile jobs whose PG status query waits for a slot: at most status_busy of
+     * cfg->status_concurrency queries are out at once. */
+    struct wjob_fifo status_wait;
+    unsigned status_slots, status_busy;
+    bool status_kicking;
     struct db_batch *db;
     unsigned db_slots;
     unsigned db_busy[2]; /* by enum db_kind */
@@ -900,7 +915,58 @@ static void on_refund_enqueued(void *arg, int status, long long result)
 }
 
 /* ---------------------------------------------------------------------------------------------
- * QUERYING: ask the PG on a pool thread.
+ * Waiting lists. A job waits in at most one: for a load or store batch (db_kick) or for a
+ * status query slot (status_kick).
+ */
+static void fifo_push(struct wjob_fifo *f, struct wjob *j)
+{
+    j->fifo_next = NULL;
+    if (f->tail != NULL)
+        f->tail->fifo_next = j;
+    else
+        f->head = j;
+    f->tail = j;
+    f->n++;
+}
+
+static struct wjob *fifo_pop(struct wjob_fifo *f)
+{
+    struct wjob *j = f->head;
+    if (j == NULL)
+        return NULL;
+    f->head = j->fifo_next;
+    if (f->head == NULL)
+        f->tail = NULL;
+    j->fifo_next = NULL;
+    f->n--;
+    return j;
+}
+
+static void status_query(struct wjob *j);
+
+/*
+ * Sends waiting jobs' status queries while fewer than SETTLE_STATUS_CONCURRENCY are out. That
+ * limit is the PG's load; a job before or after its call (its order read, stock, outcome
+ * write, acknowledgement) holds no slot, so a worker whose SETTLE_CONCURRENCY is above it keeps
+ * that many queries going while other jobs wait for PostgreSQL or Redis. Not re-entered: a
+ * query that ends at once calls on_queried, which kicks again.
+ */
+static void status_kick(struct worker *w)
+{
+    if (w->status_kicking)
+        return;
+    w->status_kicking = true;
+    while (w->status_wait.n > 0 && w->status_busy < w->status_slots) {
+        struct wjob *j = fifo_pop(&w->status_wait);
+        if (job_drop_if_abandoned(j))
+            continue;
+        status_query(j);
+    }
+    w->status_kicking = false;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * QUERYING: ask the PG, on the loop.
  */
 static const char *const breaker_class_names[BREAKER_CLASS_COUNT] = {"status", "cancel"};
 
@@ -929,6 +995,7 @@ static void on_queried(void *arg)
 {
     struct wjob *j = arg;
     struct worker *w = j->w;
+    w->status_busy--;
     if (j->breaker_admitted) {
         enum breaker_result br = BREAKER_SUCCESS;
         if (j->gw.breaker_failure)
@@ -941,11 +1008,38 @@ static void on_queried(void *arg)
         j->breaker_admitted = false;
         gateway_observe(w, "status", &j->gw);
     }
-    if (job_drop_if_abandoned(j))
+    if (!job_drop_if_abandoned(j)) {
+        j->pr.rand64 = retry_rand_next(&w->rand_state);
+        reconcile_after_query(&w->policy, &j->pr, &j->job, &j->order, &j->gw, &j->d);
+        act(j);
+    }
+    /* Its slot is free: the next waiting job's query goes out. */
+    status_kick(w);
+}
+
+/* Sends job j's PG status query (its slot is taken), unless the breaker says no. */
+static void status_query(struct wjob *j)
+{
+    struct worker *w = j->w;
+    struct breaker *b = &w->breakers[BREAKER_CLASS_STATUS];
+    enum breaker_state before = b->state;
+    int allowed = breaker_allow(b, now_ms(w));
+    breaker_note(w, BREAKER_CLASS_STATUS, before);
+    if (!allowed) {
+        reconcile_breaker_open(&w->policy, &j->pr, breaker_retry_in_ms(b, now_ms(w)), &j->d);
+        act(j);
         return;
-    j->pr.rand64 = retry_rand_next(&w->rand_state);
-    reconcile_after_query(&w->policy, &j->pr, &j->job, &j->order, &j->gw, &j->d);
-    act(j);
+    }
+    j->breaker_admitted = true;
+    job_set_state(j, JOB_QUERYING);
+    w->status_busy++;
+    /* On the loop (libcurl multi): no thread per PG call. The key the job carries wins over
+     * the one on record; reconcile_after_load has checked that they agree. */
+    const char *key =
+        j->job.transaction_key[0] != '\0' ? j->job.transaction_key : j->order.transaction_key;
+    if (gateway_query_status_start(w->gateway, w->httploop, j->job.user_id, key, j->order.id,
+                                   &j->gw, on_queried, j) != 0)
+        on_queried(j); /* ended at once: j->gw says why */
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -969,24 +1063,9 @@ static void load_done(struct wjob *j, int status)
         act(j);
         return;
     }
-    struct breaker *b = &w->breakers[BREAKER_CLASS_STATUS];
-    enum breaker_state before = b->state;
-    int allowed = breaker_allow(b, now_ms(w));
-    breaker_note(w, BREAKER_CLASS_STATUS, before);
-    if (!allowed) {
-        reconcile_breaker_open(&w->policy, &j->pr, breaker_retry_in_ms(b, now_ms(w)), &j->d);
-        act(j);
-        return;
-    }
-    j->breaker_admitted = true;
-    job_set_state(j, JOB_QUERYING);
-    /* On the loop (libcurl multi): no thread per PG call. The key the job carries wins over
-     * the one on record; reconcile_after_load has checked that they agree. */
-    const char *key =
-        j->job.transaction_key[0] != '\0' ? j->job.transaction_key : j->order.transaction_key;
-    if (gateway_query_status_start(w->gateway, w->httploop, j->job.user_id, key, j->order.id,
-                                   &j->gw, on_queried, j) != 0)
-        on_queried(j); /* ended at once: j->gw says why */
+    job_set_state(j, JOB_STATUS_WAIT);
+    fifo_push(&w->status_wait, j);
+    status_kick(w);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1008,30 +1087,6 @@ static void load_done(struct wjob *j, int status)
  * of the batch the way a single job's failed transaction did (retried without spending an
  * attempt; a redelivery converges).
  */
-static void fifo_push(struct wjob_fifo *f, struct wjob *j)
-{
-    j->db_next = NULL;
-    if (f->tail != NULL)
-        f->tail->db_next = j;
-    else
-        f->head = j;
-    f->tail = j;
-    f->n++;
-}
-
-static struct wjob *fifo_pop(struct wjob_fifo *f)
-{
-    struct wjob *j = f->head;
-    if (j == NULL)
-        return NULL;
-    f->head = j->db_next;
-    if (f->head == NULL)
-        f->tail = NULL;
-    j->db_next = NULL;
-    f->n--;
-    return j;
-}
-
 static void db_batch_work(uv_work_t *req)
 {
     struct db_batch *b = req->data;
@@ -2287,6 +2342,10 @@ int worker_run(const struct config *cfg)
      * contention. Connections beyond them serve refunds' own transactions, the scheduler and
      * the health check; with a pool too small for that, batches wait for a connection. */
     w->db_slots = cfg->db_batch_concurrency; /* config: 1..256 */
+    /* config: 1..concurrency once resolved; a hand-built config may leave it 0. */
+    w->status_slots = cfg->status_concurrency != 0 && cfg->status_concurrency < cfg->concurrency
+                          ? cfg->status_concurrency
+                          : cfg->concurrency;
     w->db = calloc(w->db_slots, sizeof(*w->db));
     if (w->db == NULL)
         goto out_free;
@@ -2375,9 +2434,9 @@ int worker_run(const struct config *cfg)
     uv_signal_start(&w->sigint, on_signal, SIGINT);
 
     log_write(LOG_LEVEL_INFO, NULL, NULL,
-              "worker %s started: %u queue(s), concurrency %u, lease %" PRIu64
+              "worker %s started: %u queue(s), concurrency %u (status queries %u), lease %" PRIu64
               " ms, scheduled tasks %s",
-              cfg->worker_id, w->n_queues, cfg->concurrency, cfg->lease_ms,
+              cfg->worker_id, w->n_queues, cfg->concurrency, w->status_slots, cfg->lease_ms,
               cfg->scheduler ? "on" : "off");
     uv_run(w->loop, UV_RUN_DEFAULT);
     ret = 0;

@@ -37,6 +37,8 @@ struct config {
 
     /* Capacity. */
     unsigned concurrency;          /* SETTLE_CONCURRENCY, jobs in flight per process, 1..1024 */
+    unsigned status_concurrency;   /* SETTLE_STATUS_CONCURRENCY, PG status queries in flight,
+                                    * 1..concurrency (0 in the environment = concurrency) */
     unsigned claim_batch;          /* SETTLE_CLAIM_BATCH, jobs taken per claim, 1..1000 */
     unsigned db_pool_size;         /* SETTLE_DB_POOL_SIZE, PostgreSQL connections, 1..256 */
     unsigned db_batch;             /* SETTLE_DB_BATCH, jobs per load / outcome transaction, 1..64 */

@@ -374,5 +374,63 @@ def test_order_already_completed_by_a_callback_is_respected(c):
     assert c.product_stock("sku-a") == 10  # the callback handler owns that change
 
 
+def status_gets(c):
+    """Arrival times (ms) of the status GETs the simulator received, in order."""
+    return sorted(r["ts_ms"] for r in c.admin_requests()
+                  if r["method"] == "GET" and r["path"].startswith("/api/v1/payments/"))
+
+
+def test_status_concurrency_bounds_pg_queries_in_flight(c):
+    """SETTLE_STATUS_CONCURRENCY=2 with 8 jobs held: every status query takes 300 ms, and a
+    third may reach the PG only when one of the two out has ended. All jobs complete."""
+    orders = [f"order-sc{i}" for i in range(6)]
+    for o in orders:
+        setup_order(c, o, items={"sku-a": 1})
+        c.push_job(Q, {"order_id": o, "user_id": "u1", "transaction_key": pg_tx(c, o)})
+    c.admin_faults(latency_min_ms=300, latency_max_ms=300)
+    w = c.start_worker(c.env_for_worker(concurrency=8, status_concurrency=2))
+    for o in orders:
+        wait_done(c, o, {"COMPLETED"})
+    gets = status_gets(c)
+    assert len(gets) == len(orders), gets
+    for first, third in zip(gets, gets[2:]):
+        assert third - first >= 250, f"three status queries within 300 ms: {gets}"
+    # The two slots were used at once, not one after the other.
+    assert gets[1] - gets[0] < 150, gets
+    wait_idle(c)
+    assert c.product_stock("sku-a") == 10 - len(orders)
+    assert "(status queries 2)" in w.log_text()
+
+
+def test_jobs_waiting_for_a_status_slot_are_handed_back_at_shutdown(c):
+    """Jobs that never got a status query slot before the shutdown grace ran out go back to
+    the queue (no attempt spent) and the worker exits; the one whose query was out finishes
+    or goes back too, and nothing is lost."""
+    orders = [f"order-sw{i}" for i in range(5)]
+    for o in orders:
+        setup_order(c, o, items={"sku-a": 1})
+        c.push_job(Q, {"order_id": o, "user_id": "u1", "transaction_key": pg_tx(c, o)})
+    c.admin_faults(latency_min_ms=400, latency_max_ms=400)
+    w = c.start_worker(c.env_for_worker(concurrency=5, status_concurrency=1,
+                                        shutdown_grace_ms=300))
+    harness.wait_until(lambda: len(status_gets(c)) >= 1 and c.queue_depths(Q)["inflight"] == 5,
+                       10, what=f"5 jobs held, one query out: {c.queue_depths(Q)}")
+    code = w.stop(timeout=10)
+    assert code == 0, code
+    done = [o for o in orders if c.order_status(o) == "COMPLETED"]
+    assert len(done) <= 2, done  # 300 ms grace, 400 ms per query, one at a time
+    d = c.queue_depths(Q)
+    assert d["inflight"] == 0 and d["dead"] == 0, d
+    # Handed back due at once (the delayed set, due now), not left to their lease.
+    assert d["ready"] + d["delayed"] + len(done) == len(orders), (d, done)
+    # The rest finish on the next worker.
+    c.admin_faults(latency_min_ms=0, latency_max_ms=0)
+    c.start_worker()
+    for o in orders:
+        wait_done(c, o, {"COMPLETED"})
+    wait_idle(c)
+    assert c.product_stock("sku-a") == 10 - len(orders)
+
+
 if __name__ == "__main__":
     harness.main(globals())

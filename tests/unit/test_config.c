@@ -82,6 +82,7 @@ static void check_defaults(const struct config *c)
     CHECK_STR(c->queues[0], "reconcile");
     CHECK_STR(c->queues[1], "refund");
     CHECK_EQ_INT(c->concurrency, 32);
+    CHECK_EQ_INT(c->status_concurrency, 32); /* auto: as many as jobs */
     CHECK_EQ_INT(c->claim_batch, 64);
     CHECK_EQ_INT(c->db_pool_size, 16); /* auto: min(32, 16) */
     CHECK_EQ_U64(c->job_max_bytes, 65536);
@@ -198,6 +199,7 @@ static void test_env_overrides(void)
         printf("    %s\n", err);
     CHECK_EQ_INT(c.concurrency, 8);
     CHECK_EQ_INT(c.db_pool_size, 8); /* auto follows concurrency */
+    CHECK_EQ_INT(c.status_concurrency, 8);
     CHECK_EQ_INT(c.log_level, LOG_LEVEL_DEBUG);
     CHECK_EQ_INT(c.n_queues, 1);
     CHECK(config_has_queue(&c, "refund"));
@@ -225,6 +227,26 @@ static void test_env_overrides(void)
     CHECK_EQ_INT(load_env_only(&c, err, sizeof(err)), 0);
     CHECK_EQ_INT(c.db_pool_size, 40); /* explicit values are kept */
     config_free(&c);
+}
+
+/* SETTLE_STATUS_CONCURRENCY: kept below SETTLE_CONCURRENCY, capped at it, 0 = it. */
+static void test_status_concurrency(void)
+{
+    const char *const cases[][3] = {{"256", "100", "100"}, {"8", "100", "8"}, {"64", "0", "64"}};
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct config c;
+        char err[512];
+        clear_env();
+        setenv("SETTLE_CONCURRENCY", cases[i][0], 1);
+        setenv("SETTLE_STATUS_CONCURRENCY", cases[i][1], 1);
+        int rc = load_env_only(&c, err, sizeof(err));
+        CHECK_EQ_INT(rc, 0);
+        if (rc != 0)
+            continue;
+        CHECK_EQ_INT(c.status_concurrency, (unsigned)atoi(cases[i][2]));
+        config_free(&c);
+    }
+    clear_env();
 }
 
 static void test_flags(void)
@@ -532,7 +554,7 @@ static void test_describe(void)
         CHECK(json_is_string(json_object_get(j, "SETTLE_WORKER_ID")));
         CHECK_EQ_INT(json_integer_value(json_object_get(j, "SETTLE_DB_BATCH")), 32);
         CHECK_EQ_INT(json_integer_value(json_object_get(j, "SETTLE_DB_BATCH_CONCURRENCY")), 2);
-        CHECK_EQ_INT(json_object_size(j), 62); /* every variable */
+        CHECK_EQ_INT(json_object_size(j), 63); /* every variable */
     }
     json_decref(j);
     CHECK_EQ_INT(config_describe(&c, buf, 16), SETTLE_ETOOBIG);
@@ -768,6 +790,7 @@ int main(void)
 {
     RUN(test_defaults);
     RUN(test_env_overrides);
+    RUN(test_status_concurrency);
     RUN(test_flags);
     RUN(test_validation_errors);
     RUN(test_secret_files);
