@@ -41,6 +41,24 @@
 /* Lookups read from one snapshot and can never write by accident. */
 #define BEGIN_READ_SQL "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
+/* The orders of a batch ($1, a text[]) with their payments (if any), the age computed by the
+ * server; then their items in sku order, at most $2 per order. */
+#define LOAD_ORDERS_SQL                                                                            \
+    "SELECT o.id, o.user_id, o.status, coalesce(o.failure_reason, ''), "                           \
+    "o.amount_minor, o.refunded_minor, "                                                           \
+    "greatest(0, (extract(epoch FROM (now() - o.created_at)) * 1000)::bigint), "                   \
+    "o.check_count, coalesce(p.transaction_key, ''), coalesce(p.status, '') "                      \
+    "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "                                     \
+    "WHERE o.id = ANY($1::text[])"
+#define LOAD_ITEMS_SQL                                                                             \
+    "SELECT order_id, sku, qty FROM (SELECT order_id, sku, qty, row_number() "                     \
+    "OVER (PARTITION BY order_id ORDER BY sku) AS n FROM order_items "                             \
+    "WHERE order_id = ANY($1::text[])) x WHERE n <= $2::integer "                                  \
+    "ORDER BY order_id, sku"
+#define APPLY_OUTCOMES_SQL                                                                         \
+    "SELECT o_i, o_changed, o_status, o_sqlstate, o_message "                                      \
+    "FROM settle_apply_outcomes($1::jsonb)"
+
 struct store_slot {
     PGconn *conn; /* NULL until first use and after a connection error */
     bool busy;    /* borrowed by a thread */
@@ -885,6 +903,43 @@ out:
     return rc;
 }
 
+int store_warm_work(struct store *s, unsigned n, char *err, size_t err_len)
+{
+    struct session ss[STORE_WARM_MAX];
+    const char *params[2] = {"{}", "1"};
+    const char *empty[1] = {"[]"};
+    unsigned open = 0;
+    int rc = 0;
+
+    if (err != NULL && err_len > 0)
+        err[0] = '\0';
+    if (s == NULL || n == 0)
+        return SETTLE_EINVAL;
+    if (n > STORE_WARM_MAX)
+        n = STORE_WARM_MAX;
+    if (n > s->pool_size)
+        n = s->pool_size;
+    /* All n held at once, so they are n different connections. One thread holds them, and
+     * nothing else holds more than one, so waiting for a slot here cannot deadlock. */
+    for (; open < n && rc == 0; open++)
+        rc = session_open(s, &ss[open], err, err_len);
+    if (rc != 0)
+        open--; /* the failed one returned its slot */
+    for (unsigned i = 0; i < open && rc == 0; i++) {
+        /* An order load and an outcome batch with nothing in them: the statements are
+         * parsed, the function compiled and its plans made, and nothing is written. */
+        struct pipe_stmt st[3] = {{.sql = LOAD_ORDERS_SQL, .n_params = 1, .params = params},
+                                  {.sql = LOAD_ITEMS_SQL, .n_params = 2, .params = params},
+                                  {.sql = APPLY_OUTCOMES_SQL, .n_params = 1, .params = empty}};
+        rc = tx_pipeline(&ss[i], BEGIN_SQL, st, 3);
+        for (int k = 0; k < 3; k++)
+            PQclear(st[k].res);
+    }
+    for (unsigned i = 0; i < open; i++)
+        session_close(&ss[i]);
+    return rc;
+}
+
 /* Copies an identifier PostgreSQL returned; one that does not fit cannot be used at all, so
  * it is an error rather than a silent cut. */
 static int copy_id(struct session *ss, char *dst, size_t dst_size, const char *src,
@@ -1042,22 +1097,8 @@ int store_load_orders_work(struct store *s, struct store_load *l, size_t n)
         goto out;
     /* The orders with their payments (if any), the age computed by the server; then their
      * items in sku order, at most STORE_ITEMS_MAX + 1 per order. One read-only snapshot. */
-    st[0] = (struct pipe_stmt){
-        .sql = "SELECT o.id, o.user_id, o.status, coalesce(o.failure_reason, ''), "
-               "o.amount_minor, o.refunded_minor, "
-               "greatest(0, (extract(epoch FROM (now() - o.created_at)) * 1000)::bigint), "
-               "o.check_count, coalesce(p.transaction_key, ''), coalesce(p.status, '') "
-               "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "
-               "WHERE o.id = ANY($1::text[])",
-        .n_params = 1,
-        .params = params};
-    st[1] = (struct pipe_stmt){
-        .sql = "SELECT order_id, sku, qty FROM (SELECT order_id, sku, qty, row_number() "
-               "OVER (PARTITION BY order_id ORDER BY sku) AS n FROM order_items "
-               "WHERE order_id = ANY($1::text[])) x WHERE n <= $2::integer "
-               "ORDER BY order_id, sku",
-        .n_params = 2,
-        .params = params};
+    st[0] = (struct pipe_stmt){.sql = LOAD_ORDERS_SQL, .n_params = 1, .params = params};
+    st[1] = (struct pipe_stmt){.sql = LOAD_ITEMS_SQL, .n_params = 2, .params = params};
     rc = tx_pipeline(&ss, BEGIN_READ_SQL, st, 2);
     if (rc != 0)
         goto out;
@@ -1456,8 +1497,7 @@ int store_apply_outcomes_work(struct store *s, struct store_apply *a, size_t n)
         goto out;
     /* Every outcome of the batch, each in its own savepoint (ops/sql/004_outcome_batch.sql),
      * committed in the same flight. */
-    st.sql = "SELECT o_i, o_changed, o_status, o_sqlstate, o_message "
-             "FROM settle_apply_outcomes($1::jsonb)";
+    st.sql = APPLY_OUTCOMES_SQL;
     st.n_params = 1;
     st.params = params;
     rc = tx_pipeline(&ss, BEGIN_SQL, &st, 1);

@@ -321,6 +321,7 @@ struct worker {
     unsigned gauges_busy; /* queue_stats calls out */
     uv_work_t ping;       /* PostgreSQL health check on the pool */
     bool ping_busy;
+    bool warmed; /* written by the ping's pool work only: its connections are warm */
     int ping_status;
     bool postgres_up;
 
@@ -2023,11 +2024,20 @@ static void publish_health(struct worker *w)
                        w->draining);
 }
 
+/* The first health check that finds PostgreSQL also opens and warms the connections the
+ * batches use (and one more, for whatever else holds a connection at the time), so the first
+ * jobs pay neither the connect nor the outcome function's compile. */
 static void ping_work(uv_work_t *req)
 {
     struct worker *w = req->data;
     char err[STORE_ERR_MAX];
-    w->ping_status = store_ping_work(w->store, err, sizeof(err));
+    if (w->warmed) {
+        w->ping_status = store_ping_work(w->store, err, sizeof(err));
+        return;
+    }
+    w->ping_status = store_warm_work(w->store, w->db_slots + 1, err, sizeof(err));
+    if (w->ping_status == 0)
+        w->warmed = true;
 }
 
 static void after_ping(uv_work_t *req, int status)

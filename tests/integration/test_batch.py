@@ -183,5 +183,22 @@ def test_outcome_batch_reads_orders_by_key_only(c):
     assert c.product_stock("sku-m") == 10**6 - 3
 
 
+def test_worker_warms_its_batch_connections_at_start(c):
+    """Before any job, a started worker has opened SETTLE_DB_BATCH_CONCURRENCY + 1 PostgreSQL
+    connections and run an (empty) order load and outcome batch on each, so its first jobs
+    pay neither the connect nor the outcome function's compile; nothing was written."""
+    c.migrate()
+    w = c.start_worker(c.env_for_worker(SETTLE_DB_BATCH_CONCURRENCY="2", SETTLE_DB_POOL_SIZE="8"))
+
+    def settle_conns():
+        return c.sql_value("SELECT count(*) FROM pg_stat_activity "
+                           "WHERE application_name = 'settle' AND datname = 'settle'")
+    harness.wait_until(lambda: settle_conns() >= 3, 10,
+                       what=f"3 warmed connections (now {settle_conns()})")
+    assert c.sql_value("SELECT count(*) FROM job_log") == 0
+    assert "PostgreSQL is reachable" in w.log_text()
+    assert not w.bad_log_lines(), w.bad_log_lines()[:3]
+
+
 if __name__ == "__main__":
     harness.main(globals())
