@@ -5,10 +5,13 @@
  * and loopback admin endpoints that let tests seed payments and read back what they sent.
  *
  * Threads: pgsim_main runs on the calling thread, blocks SIGINT/SIGTERM, starts the daemon and
- * waits in sigwait. libmicrohttpd serves every connection on its own thread
- * (MHD_USE_THREAD_PER_CONNECTION), so a slow answer sleeps only that connection's thread.
+ * waits in sigwait. libmicrohttpd serves every connection from one internal thread (epoll). An
+ * answer the fault profile delays is not slept on: its connection is suspended and the timer
+ * thread (struct timers) resumes it when the delay is over, and the answer goes out then. So a
+ * thousand slow answers cost a thousand heap entries, not a thousand sleeping threads - the
+ * simulator's own CPU stays small beside the worker it is measured against (bench/).
  * All simulator state (struct pgsim) sits behind one mutex, taken for the decision and the
- * effect of a request and released before any sleep or network write.
+ * effect of a request and released before any network write.
  * Ownership: struct pgsim owns the store, the request log and the injections; a struct
  * request (one HTTP request) is owned by its connection thread from the URI callback to the
  * completion callback; a struct answer holds copies only, never pointers into the store.
@@ -25,7 +28,6 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -47,11 +49,9 @@
 #define INJECT_DELAY_MAX_MS (3600 * 1000)
 #define CONN_LIMIT 4096
 #define CONN_TIMEOUT_S 120
-#define THREAD_STACK_BYTES (512 * 1024)
 #define LIST_SIZE_DEFAULT 100
 #define LIST_SIZE_MAX 1000
 #define LIST_PAGE_MAX 1000000000LL
-#define SLEEP_SLICE_MS 50
 #define KEY_ATTEMPTS 64
 #define DEFAULT_CARD_NO "1234-5678-9012-3456"
 
@@ -109,6 +109,24 @@ struct stats {
     uint64_t health;
 };
 
+/* A suspended connection and when its held answer is due (CLOCK_MONOTONIC, microseconds). */
+struct held {
+    int64_t due_us;
+    struct MHD_Connection *conn;
+};
+
+/* The delayed answers: a min-heap by due time, one entry per suspended connection (so at
+ * most CONN_LIMIT), and the thread that resumes them. */
+struct timers {
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* on CLOCK_MONOTONIC */
+    struct held heap[CONN_LIMIT];
+    size_t n;
+    bool stop;
+    bool started;
+    pthread_t thread;
+};
+
 struct pgsim {
     pthread_mutex_t lock;
     /* Guarded by lock: */
@@ -123,8 +141,18 @@ struct pgsim {
     size_t ninjections;
     uint64_t next_injection_id;
     struct stats stats;
-    /* Set once at shutdown, read without the lock by sleeping connection threads. */
-    atomic_bool stopping;
+    struct timers timers; /* its own lock */
+};
+
+/* An answer under construction; it holds copies only, so it outlives the lock. */
+struct answer {
+    unsigned status;
+    json_t *json;
+    char *text; /* sent verbatim when set (stored idempotent answers, injected bodies) */
+    int64_t retry_after_s;
+    int64_t delay_ms;
+    enum pgsim_fault faulted;
+    bool replayed;
 };
 
 /* One HTTP request, from the URI callback to the completion callback. */
@@ -138,6 +166,8 @@ struct request {
     bool headers_seen;
     bool too_big;
     bool answered;
+    bool holding;       /* suspended until the timer thread resumes it to send held */
+    struct answer held; /* owned by the request while holding */
 };
 
 /* What the handlers see of a request. */
@@ -151,17 +181,6 @@ struct call {
     json_t *body;  /* parsed POST body, NULL when empty or malformed */
     bool body_bad; /* a non-empty body that is not a JSON object */
     int64_t now_ms;
-};
-
-/* An answer under construction; it holds copies only, so it outlives the lock. */
-struct answer {
-    unsigned status;
-    json_t *json;
-    char *text; /* sent verbatim when set (stored idempotent answers, injected bodies) */
-    int64_t retry_after_s;
-    int64_t delay_ms;
-    enum pgsim_fault faulted;
-    bool replayed;
 };
 
 struct route {
@@ -180,26 +199,145 @@ static int64_t wall_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int64_t mono_ms(void)
+static int64_t mono_us(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* Sleeps in short nanosleep slices so a shutdown is not held up by a 60 s slow answer. */
-static void sleep_ms(struct pgsim *sim, int64_t ms)
+/* --- delayed answers ---------------------------------------------------------------------------
+ */
+
+static void heap_push(struct timers *t, struct held h)
 {
-    int64_t deadline = mono_ms() + ms;
-    while (!atomic_load(&sim->stopping)) {
-        int64_t left = deadline - mono_ms();
-        if (left <= 0)
+    size_t i = t->n++;
+    while (i > 0) {
+        size_t parent = (i - 1) / 2;
+        if (t->heap[parent].due_us <= h.due_us)
             break;
-        if (left > SLEEP_SLICE_MS)
-            left = SLEEP_SLICE_MS;
-        struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)left * 1000000L};
-        nanosleep(&ts, NULL);
+        t->heap[i] = t->heap[parent];
+        i = parent;
     }
+    t->heap[i] = h;
+}
+
+static struct held heap_pop(struct timers *t)
+{
+    struct held top = t->heap[0];
+    struct held last = t->heap[--t->n];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= t->n)
+            break;
+        if (c + 1 < t->n && t->heap[c + 1].due_us < t->heap[c].due_us)
+            c++;
+        if (last.due_us <= t->heap[c].due_us)
+            break;
+        t->heap[i] = t->heap[c];
+        i = c;
+    }
+    if (t->n > 0)
+        t->heap[i] = last;
+    return top;
+}
+
+/* Resumes each suspended connection when its answer is due; libmicrohttpd then calls
+ * on_request again on its own thread, which sends the held answer. */
+static void *timers_main(void *arg)
+{
+    struct timers *t = arg;
+    pthread_mutex_lock(&t->mu);
+    while (!t->stop) {
+        if (t->n == 0) {
+            pthread_cond_wait(&t->cv, &t->mu);
+            continue;
+        }
+        int64_t due = t->heap[0].due_us;
+        if (due <= mono_us()) {
+            struct held h = heap_pop(t);
+            pthread_mutex_unlock(&t->mu);
+            MHD_resume_connection(h.conn);
+            pthread_mutex_lock(&t->mu);
+            continue;
+        }
+        struct timespec ts = {.tv_sec = (time_t)(due / 1000000),
+                              .tv_nsec = (long)(due % 1000000) * 1000L};
+        pthread_cond_timedwait(&t->cv, &t->mu, &ts);
+    }
+    pthread_mutex_unlock(&t->mu);
+    return NULL;
+}
+
+static int timers_start(struct timers *t)
+{
+    pthread_condattr_t attr;
+    if (pthread_mutex_init(&t->mu, NULL) != 0)
+        return SETTLE_ENOMEM;
+    if (pthread_condattr_init(&attr) != 0 ||
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC) != 0 ||
+        pthread_cond_init(&t->cv, &attr) != 0) {
+        pthread_mutex_destroy(&t->mu);
+        return SETTLE_ENOMEM;
+    }
+    pthread_condattr_destroy(&attr);
+    if (pthread_create(&t->thread, NULL, timers_main, t) != 0) {
+        pthread_cond_destroy(&t->cv);
+        pthread_mutex_destroy(&t->mu);
+        return SETTLE_ENOMEM;
+    }
+    t->started = true;
+    return 0;
+}
+
+/* Holds conn (already suspended) for delay_ms. After timers_stop it is resumed at once, so
+ * no connection stays suspended past shutdown. */
+static void timers_hold(struct timers *t, struct MHD_Connection *conn, int64_t delay_ms)
+{
+    pthread_mutex_lock(&t->mu);
+    if (t->stop || t->n == CONN_LIMIT) {
+        /* Stopping (or, impossibly, more suspended connections than the daemon allows). */
+        pthread_mutex_unlock(&t->mu);
+        MHD_resume_connection(conn);
+        return;
+    }
+    struct held h = {.due_us = mono_us() + delay_ms * 1000, .conn = conn};
+    heap_push(t, h);
+    bool first = t->heap[0].conn == conn;
+    pthread_mutex_unlock(&t->mu);
+    if (first)
+        pthread_cond_signal(&t->cv);
+}
+
+/* Stops the timer thread and resumes every connection still held, so their answers go out
+ * now and libmicrohttpd can close them (a daemon must not stop with suspended connections). */
+static void timers_stop(struct timers *t)
+{
+    if (!t->started)
+        return;
+    pthread_mutex_lock(&t->mu);
+    t->stop = true;
+    pthread_mutex_unlock(&t->mu);
+    pthread_cond_signal(&t->cv);
+    pthread_join(t->thread, NULL);
+    t->started = false;
+    /* One at a time, never resuming under our lock (libmicrohttpd takes its own). */
+    for (;;) {
+        pthread_mutex_lock(&t->mu);
+        bool any = t->n > 0;
+        struct held h = any ? heap_pop(t) : (struct held){0};
+        pthread_mutex_unlock(&t->mu);
+        if (!any)
+            break;
+        MHD_resume_connection(h.conn);
+    }
+}
+
+static void timers_free(struct timers *t)
+{
+    pthread_cond_destroy(&t->cv);
+    pthread_mutex_destroy(&t->mu);
 }
 
 /* splitmix64: tiny, seedable and good enough for fault draws; callers hold sim->lock. */
@@ -1667,6 +1805,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     struct request *req = *con_cls;
     if (req == NULL)
         return;
+    if (req->holding)
+        answer_reset(&req->held);
     free(req->raw_uri);
     free(req->body);
     free(req);
@@ -1804,8 +1944,14 @@ static enum MHD_Result finish(struct pgsim *sim, struct MHD_Connection *conn, co
                   c.query != NULL ? "?" : "", c.query != NULL ? c.query : "", a.status,
                   pgsim_fault_name(a.faulted), a.delay_ms, a.replayed ? " replayed" : "");
 
-    if (a.delay_ms > 0)
-        sleep_ms(sim, a.delay_ms);
+    if (a.delay_ms > 0) {
+        /* The request keeps the answer; on_request sends it when the connection is resumed. */
+        req->held = a;
+        req->holding = true;
+        MHD_suspend_connection(conn);
+        timers_hold(&sim->timers, conn, a.delay_ms);
+        return MHD_YES;
+    }
     enum MHD_Result ret = send_answer(conn, &a);
     answer_reset(&a);
     return ret;
@@ -1846,6 +1992,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             body_append(req, upload_data, *upload_data_size);
         *upload_data_size = 0;
         return MHD_YES;
+    }
+    if (req->holding) {
+        /* Resumed by the timer thread: the delay is over. */
+        req->holding = false;
+        enum MHD_Result ret = send_answer(conn, &req->held);
+        answer_reset(&req->held);
+        return ret;
     }
     if (req->answered)
         return MHD_YES;
@@ -2067,7 +2220,6 @@ int pgsim_main(int argc, char **argv)
         return 1;
     }
     pthread_mutex_init(&sim->lock, NULL);
-    atomic_init(&sim->stopping, false);
     sim->faults = o.faults;
     sim->process_min_ms = o.process_min_ms;
     sim->process_max_ms = o.process_max_ms;
@@ -2104,17 +2256,20 @@ int pgsim_main(int argc, char **argv)
     masked = true;
     raise_fd_limit();
 
-    unsigned flags = (unsigned)(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
-                                MHD_USE_POLL | MHD_USE_ERROR_LOG);
+    if (timers_start(&sim->timers) != 0) {
+        log_error("pgsim: cannot start the timer thread");
+        goto out;
+    }
+    unsigned flags = (unsigned)(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO |
+                                MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG);
     if (ai->ai_family == AF_INET6)
         flags |= (unsigned)MHD_USE_IPv6;
     daemon = MHD_start_daemon(
         /* The logger goes first so libmicrohttpd reports option errors through it too. */
         flags, 0, NULL, NULL, on_request, sim, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, sim,
         MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)CONN_LIMIT,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)CONN_TIMEOUT_S, MHD_OPTION_THREAD_STACK_SIZE,
-        (size_t)THREAD_STACK_BYTES, MHD_OPTION_URI_LOG_CALLBACK, on_uri, sim,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, sim, MHD_OPTION_END);
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)CONN_TIMEOUT_S, MHD_OPTION_URI_LOG_CALLBACK,
+        on_uri, sim, MHD_OPTION_NOTIFY_COMPLETED, on_completed, sim, MHD_OPTION_END);
     if (daemon == NULL) {
         log_error("pgsim: cannot listen on %s", o.listen);
         goto out;
@@ -2143,11 +2298,14 @@ int pgsim_main(int argc, char **argv)
     status = 0;
 
 out:
-    /* Sleeping connection threads see `stopping` within SLEEP_SLICE_MS, so the join inside
-     * MHD_stop_daemon does not wait out a slow answer. */
-    atomic_store(&sim->stopping, true);
+    /* Held answers go out now (a 60 s slow answer does not hold up the stop), then the
+     * daemon stops with no connection suspended. */
+    bool timers_ok = sim->timers.started;
+    timers_stop(&sim->timers);
     if (daemon != NULL)
         MHD_stop_daemon(daemon);
+    if (timers_ok)
+        timers_free(&sim->timers);
     if (ai != NULL)
         freeaddrinfo(ai);
     if (masked)

@@ -4,6 +4,8 @@ migrate` creates the schema exactly once, and `settle pgsim` serves the seed 001
 
 import os
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -70,6 +72,50 @@ def test_pgsim_payment_api(c):
     listed = c.api("GET", "/api/v1/payments?orderId=order-000003", user_id="user-3")
     assert listed.status == 200, listed
     assert key in listed.body.decode(), listed
+
+
+def test_pgsim_holds_slow_answers_and_stops_promptly(c):
+    """Delayed answers are held by suspending their connections, not by sleeping threads: 50
+    status GETs delayed 400 ms all answer after ~400 ms while a health check in between
+    answers at once, and a stop with an answer still held (30 s) is prompt."""
+    key = c.tx_key_of(c.admin_create_tx(user_id="u-slow", order_id="order-slow", amount=100,
+                                        status="SUCCESS"))
+    url = f"{c.gateway_url}/api/v1/payments/{key}"
+    c.admin_faults(latency_min_ms=400, latency_max_ms=400)
+    out = []
+
+    def get(timeout):
+        t0 = time.monotonic()
+        try:
+            r = harness.http("GET", url, headers={"X-USER-ID": "u-slow"}, timeout=timeout)
+            out.append((r.status, time.monotonic() - t0))
+        except OSError as e:
+            out.append((repr(e), time.monotonic() - t0))
+
+    threads = [threading.Thread(target=get, args=(10,)) for _ in range(50)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    assert harness.http("GET", c.gateway_url + harness.PGSIM_HEALTH, timeout=2).status == 200
+    assert time.monotonic() - t0 < 0.2, "a health check waited behind the held answers"
+    for t in threads:
+        t.join(15)
+    assert len(out) == 50 and all(s == 200 for s, _ in out), out
+    assert all(0.35 <= dt < 2.0 for _, dt in out), sorted(dt for _, dt in out)
+
+    c.admin_faults(latency_min_ms=30000, latency_max_ms=30000)
+    out.clear()
+    held = threading.Thread(target=get, args=(20,))
+    held.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    c.stop_pgsim()
+    took = time.monotonic() - t0
+    held.join(20)
+    assert took < 3, f"pgsim took {took:.1f} s to stop with a 30 s answer held"
+    assert out and out[0][1] < 5, out
+    c.start_pgsim()
 
 
 if __name__ == "__main__":
