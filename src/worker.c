@@ -298,8 +298,8 @@ struct worker {
      * stored, in arrival order, and the db_slots preallocated batches, db_busy[kind] of them
      * out (at most db_slots / 2 of a kind, at least 1). */
     struct wjob_fifo load_wait, store_wait;
-    /* Reconcile jobs whose PG status query waits for a slot: at most status_busy of
-     * cfg->status_concurrency queries are out at once. */
+    /* Reconcile jobs whose PG status query waits for a slot: at most status_slots
+     * (SETTLE_STATUS_CONCURRENCY) queries are out at once, status_busy of them now. */
     struct wjob_fifo status_wait;
     unsigned status_slots, status_busy;
     bool status_kicking;
