@@ -13,6 +13,8 @@ attaches one tool to it for the measured window:
             share: parse/plan/execute/commit)
   states    the worker's mean time per job in each state (its stop log line), at
             --latency MS (0 by default; 20 is the R20 shape)
+  Every mode takes --concurrency C (100) and --status-concurrency S (= C); R20_pipelined is
+  states N --latency 20 --concurrency 256 --status-concurrency 100.
   timeline  no batch: the worker runs under strace -f -ttt and six jobs are pushed 0.3 s apart
             -> OUT/timeline.txt (one job's syscalls in order: every round trip is visible)
 
@@ -37,7 +39,7 @@ import fixtures
 harness = cluster.harness
 
 
-def batch(c, n, wrap, latency_ms=0, states=False):
+def batch(c, n, wrap, latency_ms=0, states=False, conc=100, status_conc=None):
     """Push n jobs (held), start a worker, attach wrap(pid) if given, release, wait until
     all are acked (bounded), stop the tool and the worker. Returns the tool's output, or with
     states the worker's own account of where a job's time went (its stop log line)."""
@@ -46,7 +48,9 @@ def batch(c, n, wrap, latency_ms=0, states=False):
     jobs, _ = fixtures.prep_reconcile(c, n, "p")
     fixtures.push(c, "reconcile", jobs)
     extra = {"log_level": "info"} if states else {}
-    w = c.start_worker(c.bench_env(queues="reconcile", concurrency=100, **extra),
+    if status_conc:
+        extra["status_concurrency"] = status_conc
+    w = c.start_worker(c.bench_env(queues="reconcile", concurrency=conc, **extra),
                        name="profiled")
     tool = None
     try:
@@ -114,28 +118,34 @@ def main():
     ap.add_argument("n", nargs="?", type=int, default=5000)
     ap.add_argument("--out", default=".")
     ap.add_argument("--latency", type=int, default=0, help="PG stub latency (states mode)")
+    ap.add_argument("--concurrency", type=int, default=100, help="SETTLE_CONCURRENCY")
+    ap.add_argument("--status-concurrency", type=int, default=None,
+                    help="SETTLE_STATUS_CONCURRENCY (default: the concurrency)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     c = cluster.BenchCluster(pgsim_args=["--latency-ms", "0-0"])
     c.start()
     try:
         c.migrate()
+
+        def run(wrap, **kw):
+            return batch(c, a.n, wrap, conc=a.concurrency, status_conc=a.status_concurrency,
+                         **kw)
         if a.mode == "perfstat":
-            print(batch(c, a.n, lambda pid: ["perf", "stat", "-e",
-                                             "task-clock,context-switches,cpu-migrations",
-                                             "-p", str(pid)]))
+            print(run(lambda pid: ["perf", "stat", "-e",
+                                   "task-clock,context-switches,cpu-migrations", "-p",
+                                   str(pid)]))
         elif a.mode == "strace":
-            out = batch(c, a.n, lambda pid: ["strace", "-c", "-f", "-p", str(pid)])
+            out = run(lambda pid: ["strace", "-c", "-f", "-p", str(pid)])
             print("\n".join(ln for ln in out.splitlines() if not ln.startswith("strace:")))
         elif a.mode == "perf":
-            batch(c, a.n, lambda pid: ["perf", "record", "-p", str(pid), "-F", "999",
-                                       "--call-graph", "dwarf,16384", "-o",
-                                       os.path.join(a.out, "worker.data")])
+            run(lambda pid: ["perf", "record", "-p", str(pid), "-F", "999", "--call-graph",
+                             "dwarf,16384", "-o", os.path.join(a.out, "worker.data")])
         elif a.mode == "states":
-            print(batch(c, a.n, None, latency_ms=a.latency, states=True))
+            print(run(None, latency_ms=a.latency, states=True))
         elif a.mode == "perfsys":
-            batch(c, a.n, lambda pid: ["perf", "record", "-a", "-F", "999", "-g", "-o",
-                                       os.path.join(a.out, "system.data"), "--", "sleep", "6"])
+            run(lambda pid: ["perf", "record", "-a", "-F", "999", "-g", "-o",
+                             os.path.join(a.out, "system.data"), "--", "sleep", "6"])
         else:
             timeline(c, a.out)
     finally:
