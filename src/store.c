@@ -20,6 +20,7 @@
 #include "settle/embedded.h"
 #include "settle/error.h"
 #include "settle/log.h"
+#include "settle/text.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -86,41 +87,6 @@ struct session {
 
 /* --- Text helpers ---------------------------------------------------------------------------- */
 
-/* Length (1..4) of the valid UTF-8 sequence at s, which has avail bytes; 0 when invalid. */
-static size_t utf8_seq_len(const unsigned char *s, size_t avail)
-{
-    size_t n;
-    uint32_t cp, min;
-
-    if (s[0] < 0x80)
-        return 1;
-    if ((s[0] & 0xE0) == 0xC0) {
-        n = 2;
-        cp = s[0] & 0x1F;
-        min = 0x80;
-    } else if ((s[0] & 0xF0) == 0xE0) {
-        n = 3;
-        cp = s[0] & 0x0F;
-        min = 0x800;
-    } else if ((s[0] & 0xF8) == 0xF0) {
-        n = 4;
-        cp = s[0] & 0x07;
-        min = 0x10000;
-    } else {
-        return 0;
-    }
-    if (avail < n)
-        return 0;
-    for (size_t i = 1; i < n; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
-    }
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
-    return n;
-}
-
 /* Copies src into dst (dst_size >= 1 bytes with the NUL), cutting at a UTF-8 character
  * boundary when it does not fit. Returns true when src was cut. */
 static bool copy_text(char *dst, size_t dst_size, const char *src)
@@ -158,7 +124,7 @@ static void err_set(char *err, size_t err_len, const char *prefix, const char *m
     while (lead > 0 && n - lead < 4 && ((unsigned char)err[lead - 1] & 0xC0) == 0x80)
         lead--;
     if (lead > 0 && (unsigned char)err[lead - 1] >= 0x80 &&
-        utf8_seq_len((const unsigned char *)err + lead - 1, n - lead + 1) == 0)
+        text_utf8_seq_len((const unsigned char *)err + lead - 1, n - lead + 1) == 0)
         n = lead - 1;
     while (n > 0 && err[n - 1] == ' ')
         n--;
@@ -185,7 +151,7 @@ static char *text_dup_clean(const char *src, bool *oom)
         return NULL;
     }
     while (i < len) {
-        size_t n = utf8_seq_len((const unsigned char *)src + i, len - i);
+        size_t n = text_utf8_seq_len((const unsigned char *)src + i, len - i);
         if (n == 0) {
             dst[i++] = '?';
             continue;
@@ -225,7 +191,7 @@ static char *array_literal(const char *const *v, size_t n)
         out[o++] = '"';
         size_t len = strlen(v[i]);
         for (size_t k = 0; k < len;) {
-            size_t sl = utf8_seq_len((const unsigned char *)v[i] + k, len - k);
+            size_t sl = text_utf8_seq_len((const unsigned char *)v[i] + k, len - k);
             if (sl == 0) {
                 out[o++] = '?';
                 k++;
@@ -1338,7 +1304,7 @@ static void jt_text(struct jtext *t, const char *key, const char *v)
     *o++ = '"';
     for (size_t k = 0; k < len;) {
         unsigned char ch = (unsigned char)v[k];
-        size_t sl = utf8_seq_len((const unsigned char *)v + k, len - k);
+        size_t sl = text_utf8_seq_len((const unsigned char *)v + k, len - k);
         if (sl == 0) {
             *o++ = '?';
             k++;

@@ -321,7 +321,6 @@ static void timers_stop(struct timers *t)
     pthread_mutex_unlock(&t->mu);
     pthread_cond_signal(&t->cv);
     pthread_join(t->thread, NULL);
-    t->started = false;
     /* One at a time, never resuming under our lock (libmicrohttpd takes its own). */
     for (;;) {
         pthread_mutex_lock(&t->mu);
@@ -334,8 +333,12 @@ static void timers_stop(struct timers *t)
     }
 }
 
+/* After timers_stop (and the daemon's stop): nothing uses the lock any more. */
 static void timers_free(struct timers *t)
 {
+    if (!t->started)
+        return;
+    t->started = false;
     pthread_cond_destroy(&t->cv);
     pthread_mutex_destroy(&t->mu);
 }
@@ -2300,12 +2303,10 @@ int pgsim_main(int argc, char **argv)
 out:
     /* Held answers go out now (a 60 s slow answer does not hold up the stop), then the
      * daemon stops with no connection suspended. */
-    bool timers_ok = sim->timers.started;
     timers_stop(&sim->timers);
     if (daemon != NULL)
         MHD_stop_daemon(daemon);
-    if (timers_ok)
-        timers_free(&sim->timers);
+    timers_free(&sim->timers);
     if (ai != NULL)
         freeaddrinfo(ai);
     if (masked)
