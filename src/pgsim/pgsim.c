@@ -13,8 +13,9 @@
  * All simulator state (struct pgsim) sits behind one mutex, taken for the decision and the
  * effect of a request and released before any network write.
  * Ownership: struct pgsim owns the store, the request log and the injections; a struct
- * request (one HTTP request) is owned by its connection thread from the URI callback to the
- * completion callback; a struct answer holds copies only, never pointers into the store.
+ * request (one HTTP request) is owned by the daemon's thread from the URI callback to the
+ * completion callback (the timer thread only touches its connection pointer); a struct
+ * answer holds copies only, never pointers into the store.
  */
 #include "settle/pgsim.h"
 
@@ -206,8 +207,7 @@ static int64_t mono_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* --- delayed answers ---------------------------------------------------------------------------
- */
+/* --- delayed answers ------------------------------------------------------------------------ */
 
 static void heap_push(struct timers *t, struct held h)
 {
