@@ -991,24 +991,47 @@ static void gateway_observe(struct worker *w, const char *endpoint, const struct
                             (double)g->latency_us / 1e6);
 }
 
+/* Records the breaker outcome of job j's PG call, admitted under class cls (status: the call's
+ * completion status; UV_ECANCELED = it never ran), and counts the call for the dashboards. */
+static void job_breaker_record(struct wjob *j, enum breaker_class cls, int status)
+{
+    struct worker *w = j->w;
+    if (!j->breaker_admitted)
+        return;
+    enum breaker_result br = BREAKER_SUCCESS;
+    if (status == UV_ECANCELED)
+        br = BREAKER_IGNORED;
+    else if (j->gw.breaker_failure)
+        br = BREAKER_FAILURE;
+    else if (j->gw.outcome == GATEWAY_TRANSIENT || j->gw.outcome == GATEWAY_REJECTED)
+        br = BREAKER_IGNORED;
+    enum breaker_state before = w->breakers[cls].state;
+    breaker_record(&w->breakers[cls], now_ms(w), br);
+    breaker_note(w, cls, before);
+    j->breaker_admitted = false;
+    if (status != UV_ECANCELED)
+        gateway_observe(w, breaker_class_names[cls], &j->gw);
+}
+
+/* May a PG call of class cls start now? When not, *retry_in_ms says when to try again. */
+static bool breaker_admits(struct worker *w, enum breaker_class cls, uint64_t *retry_in_ms)
+{
+    struct breaker *b = &w->breakers[cls];
+    enum breaker_state before = b->state;
+    int allowed = breaker_allow(b, now_ms(w));
+    breaker_note(w, cls, before);
+    if (!allowed)
+        *retry_in_ms = breaker_retry_in_ms(b, now_ms(w));
+    return allowed != 0;
+}
+
 /* The PG answered (or the query ended without an answer; j->gw says which). */
 static void on_queried(void *arg)
 {
     struct wjob *j = arg;
     struct worker *w = j->w;
     w->status_busy--;
-    if (j->breaker_admitted) {
-        enum breaker_result br = BREAKER_SUCCESS;
-        if (j->gw.breaker_failure)
-            br = BREAKER_FAILURE;
-        else if (j->gw.outcome == GATEWAY_TRANSIENT || j->gw.outcome == GATEWAY_REJECTED)
-            br = BREAKER_IGNORED;
-        enum breaker_state before = w->breakers[BREAKER_CLASS_STATUS].state;
-        breaker_record(&w->breakers[BREAKER_CLASS_STATUS], now_ms(w), br);
-        breaker_note(w, BREAKER_CLASS_STATUS, before);
-        j->breaker_admitted = false;
-        gateway_observe(w, "status", &j->gw);
-    }
+    job_breaker_record(j, BREAKER_CLASS_STATUS, 0);
     if (!job_drop_if_abandoned(j)) {
         j->pr.rand64 = retry_rand_next(&w->rand_state);
         reconcile_after_query(&w->policy, &j->pr, &j->job, &j->order, &j->gw, &j->d);
@@ -1022,12 +1045,9 @@ static void on_queried(void *arg)
 static void status_query(struct wjob *j)
 {
     struct worker *w = j->w;
-    struct breaker *b = &w->breakers[BREAKER_CLASS_STATUS];
-    enum breaker_state before = b->state;
-    int allowed = breaker_allow(b, now_ms(w));
-    breaker_note(w, BREAKER_CLASS_STATUS, before);
-    if (!allowed) {
-        reconcile_breaker_open(&w->policy, &j->pr, breaker_retry_in_ms(b, now_ms(w)), &j->d);
+    uint64_t retry_in_ms = 0;
+    if (!breaker_admits(w, BREAKER_CLASS_STATUS, &retry_in_ms)) {
+        reconcile_breaker_open(&w->policy, &j->pr, retry_in_ms, &j->d);
         act(j);
         return;
     }
@@ -1226,27 +1246,6 @@ static void refund_log_fill(const struct wjob *j, struct store_outcome *o, const
     o->result_unapplied = result_unapplied;
 }
 
-/* Records a breaker outcome for a call admitted under class cls. */
-static void refund_breaker_record(struct wjob *j, enum breaker_class cls, int status)
-{
-    struct worker *w = j->w;
-    if (!j->breaker_admitted)
-        return;
-    enum breaker_result br = BREAKER_SUCCESS;
-    if (status == UV_ECANCELED)
-        br = BREAKER_IGNORED;
-    else if (j->gw.breaker_failure)
-        br = BREAKER_FAILURE;
-    else if (j->gw.outcome == GATEWAY_TRANSIENT || j->gw.outcome == GATEWAY_REJECTED)
-        br = BREAKER_IGNORED;
-    enum breaker_state before = w->breakers[cls].state;
-    breaker_record(&w->breakers[cls], now_ms(w), br);
-    breaker_note(w, cls, before);
-    j->breaker_admitted = false;
-    if (status != UV_ECANCELED)
-        gateway_observe(w, breaker_class_names[cls], &j->gw);
-}
-
 /* What the refunds row records as the PG's last word about this refund. */
 static void refund_note_pg(struct wjob *j)
 {
@@ -1330,7 +1329,7 @@ static void after_cancel(uv_work_t *req, int status)
 {
     struct wjob *j = req->data;
     struct worker *w = j->w;
-    refund_breaker_record(j, BREAKER_CLASS_CANCEL, status);
+    job_breaker_record(j, BREAKER_CLASS_CANCEL, status);
     if (job_drop_if_abandoned(j))
         return;
     if (status == UV_ECANCELED) {
@@ -1356,7 +1355,7 @@ static void after_resolve(uv_work_t *req, int status)
 {
     struct wjob *j = req->data;
     struct worker *w = j->w;
-    refund_breaker_record(j, BREAKER_CLASS_STATUS, status);
+    job_breaker_record(j, BREAKER_CLASS_STATUS, status);
     if (job_drop_if_abandoned(j))
         return;
     if (status == UV_ECANCELED) {
@@ -1375,13 +1374,10 @@ static void refund_call(struct wjob *j, enum breaker_class cls, enum job_state s
                         uv_work_cb work, uv_after_work_cb after)
 {
     struct worker *w = j->w;
-    struct breaker *b = &w->breakers[cls];
-    enum breaker_state before = b->state;
-    int allowed = breaker_allow(b, now_ms(w));
-    breaker_note(w, cls, before);
-    if (!allowed) {
+    uint64_t retry_in_ms = 0;
+    if (!breaker_admits(w, cls, &retry_in_ms)) {
         j->rpr.rand64 = retry_rand_next(&w->rand_state);
-        refund_breaker_open(&w->refund_policy, &j->rpr, breaker_retry_in_ms(b, now_ms(w)), &j->rd);
+        refund_breaker_open(&w->refund_policy, &j->rpr, retry_in_ms, &j->rd);
         refund_act(j);
         return;
     }
