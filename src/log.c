@@ -177,51 +177,19 @@ static void line_puts(struct log_line *l, const char *s)
  */
 static size_t escape_into(struct log_line *l, size_t limit, const char *s, size_t len)
 {
-    static const char hex[] = "0123456789abcdef";
     size_t i = 0;
 
     while (i < len) {
-        unsigned char c = (unsigned char)s[i];
-        char esc[8];
-        size_t esc_len;
-        size_t in_len = 1;
-        const char *src = esc;
-
-        if (c == '"' || c == '\\') {
-            esc[0] = '\\';
-            esc[1] = (char)c;
-            esc_len = 2;
-        } else if (c == '\n') {
-            memcpy(esc, "\\n", 2);
-            esc_len = 2;
-        } else if (c == '\r') {
-            memcpy(esc, "\\r", 2);
-            esc_len = 2;
-        } else if (c == '\t') {
-            memcpy(esc, "\\t", 2);
-            esc_len = 2;
-        } else if (c < 0x20 || c == 0x7f) {
-            memcpy(esc, "\\u00", 4);
-            esc[4] = hex[c >> 4];
-            esc[5] = hex[c & 0xf];
+        char esc[TEXT_JSON_ESC_MAX];
+        size_t in_len;
+        size_t esc_len = text_json_escape(s + i, len - i, esc, &in_len);
+        if (esc_len == 0) {
+            memcpy(esc, "\\ufffd", 6);
             esc_len = 6;
-        } else if (c < 0x80) {
-            esc[0] = (char)c;
-            esc_len = 1;
-        } else {
-            in_len = text_utf8_seq_len((const unsigned char *)s + i, len - i);
-            if (in_len == 0) {
-                memcpy(esc, "\\ufffd", 6);
-                esc_len = 6;
-                in_len = 1;
-            } else {
-                src = s + i;
-                esc_len = in_len;
-            }
         }
         if (l->len + esc_len > limit)
             break;
-        line_put(l, src, esc_len);
+        line_put(l, esc, esc_len);
         i += in_len;
     }
     return i;

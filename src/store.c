@@ -1286,46 +1286,30 @@ static void jt_raw(struct jtext *t, const char *s)
     t->len += n;
 }
 
-/* key (with its separator, e.g. ",\"order_id\":") then v as a JSON string, or null. '"', '\'
- * and control characters are escaped; bytes that are not valid UTF-8 become '?' (PostgreSQL
- * would refuse the whole batch's jsonb for one of them). */
+/* key (with its separator, e.g. ",\"order_id\":") then v as a JSON string (escaped by
+ * text_json_escape), or null. Bytes that are not valid UTF-8 become '?', as everywhere text
+ * goes to the database (PostgreSQL would refuse the whole batch's jsonb for one of them). */
 static void jt_text(struct jtext *t, const char *key, const char *v)
 {
-    static const char hex[] = "0123456789abcdef";
     jt_raw(t, key);
     if (v == NULL) {
         jt_raw(t, "null");
         return;
     }
     size_t len = strlen(v);
-    if (len > (SIZE_MAX - 3) / 6 || !jt_room(t, 6 * len + 2))
+    if (len > (SIZE_MAX - 3) / TEXT_JSON_ESC_MAX || !jt_room(t, TEXT_JSON_ESC_MAX * len + 2))
         return;
     char *o = t->p + t->len;
     *o++ = '"';
     for (size_t k = 0; k < len;) {
-        unsigned char ch = (unsigned char)v[k];
-        size_t sl = text_utf8_seq_len((const unsigned char *)v + k, len - k);
-        if (sl == 0) {
-            *o++ = '?';
-            k++;
-        } else if (sl > 1) {
-            memcpy(o, v + k, sl);
-            o += sl;
-            k += sl;
-        } else if (ch == '"' || ch == '\\') {
-            *o++ = '\\';
-            *o++ = (char)ch;
-            k++;
-        } else if (ch < 0x20) {
-            memcpy(o, "\\u00", 4);
-            o[4] = hex[ch >> 4];
-            o[5] = hex[ch & 0xF];
-            o += 6;
-            k++;
-        } else {
-            *o++ = (char)ch;
-            k++;
+        size_t in_len;
+        size_t n = text_json_escape(v + k, len - k, o, &in_len);
+        if (n == 0) {
+            *o = '?';
+            n = 1;
         }
+        o += n;
+        k += in_len;
     }
     *o++ = '"';
     *o = '\0';

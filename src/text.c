@@ -1,10 +1,12 @@
 /*
- * text.c - UTF-8 validation shared by the modules that handle untrusted text.
+ * text.c - UTF-8 validation and JSON string escaping shared by the modules that handle
+ * untrusted text.
  * Thread: any; no state.
  */
 #include "settle/text.h"
 
 #include <stdint.h>
+#include <string.h>
 
 size_t text_utf8_seq_len(const unsigned char *s, size_t len)
 {
@@ -37,5 +39,47 @@ size_t text_utf8_seq_len(const unsigned char *s, size_t len)
     if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) || cp > 0x10ffff ||
         (cp >= 0xd800 && cp <= 0xdfff))
         return 0;
+    return n;
+}
+
+size_t text_json_escape(const char *s, size_t len, char *out, size_t *in_len)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char c = (unsigned char)s[0];
+
+    *in_len = 1;
+    switch (c) {
+    case '"':
+    case '\\':
+        out[0] = '\\';
+        out[1] = (char)c;
+        return 2;
+    case '\n':
+        memcpy(out, "\\n", 2);
+        return 2;
+    case '\r':
+        memcpy(out, "\\r", 2);
+        return 2;
+    case '\t':
+        memcpy(out, "\\t", 2);
+        return 2;
+    default:
+        break;
+    }
+    if (c < 0x20 || c == 0x7f) {
+        memcpy(out, "\\u00", 4);
+        out[4] = hex[c >> 4];
+        out[5] = hex[c & 0xf];
+        return 6;
+    }
+    if (c < 0x80) {
+        out[0] = (char)c;
+        return 1;
+    }
+    size_t n = text_utf8_seq_len((const unsigned char *)s, len);
+    if (n == 0)
+        return 0;
+    memcpy(out, s, n);
+    *in_len = n;
     return n;
 }
