@@ -67,10 +67,12 @@ def test_metrics_agree_with_what_the_worker_did(c):
     failed = seed(c, 3, "fl", status="FAILED")
     w = c.start_worker()
     harness.wait_until(lambda: scrape(w, "/healthz").status == 200, 10, what="/healthz")
+    # Injected before the jobs are pushed: a worker already warm at start could otherwise
+    # query ok[0] before the injection lands.
+    c.admin_inject(ok[0]["transaction_key"], 503, count=1)
     for j in ok + failed:
         c.push_job("reconcile", j)
     c.push_job("reconcile", b"not json")
-    c.admin_inject(ok[0]["transaction_key"], 503, count=1)
     harness.wait_until(lambda: c.sql_value("SELECT count(*) FROM job_log") == 10, 20,
                        what="10 finished jobs")
     # A job's job_log row commits before the worker acknowledges it in Redis and counts it:
