@@ -11,9 +11,9 @@ attaches one tool to it for the measured window:
   perf      perf record --call-graph dwarf on the worker -> OUT/worker.data
   perfsys   perf record -a -g on the whole machine for 6 s -> OUT/system.data (PostgreSQL's
             share: parse/plan/execute/commit)
-  states    the worker's mean time per job in each state (its stop log line), at
-            --latency MS (0 by default; 20 is the R20 shape)
-  Every mode takes --concurrency C (100) and --status-concurrency S (= C); R20_pipelined is
+  states    the worker's mean time per job in each state (its stop log line)
+  Every mode takes --latency MS (the stub's delay: 0 by default; 20 is the R20 shape),
+  --concurrency C (100) and --status-concurrency S (= C); R20_pipelined is
   states N --latency 20 --concurrency 256 --status-concurrency 100.
   timeline  no batch: the worker runs under strace -f -ttt and six jobs are pushed 0.3 s apart
             -> OUT/timeline.txt (one job's syscalls in order: every round trip is visible)
@@ -117,7 +117,7 @@ def main():
                                          "states"])
     ap.add_argument("n", nargs="?", type=int, default=5000)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--latency", type=int, default=0, help="PG stub latency (states mode)")
+    ap.add_argument("--latency", type=int, default=0, help="PG stub latency in ms (every mode)")
     ap.add_argument("--concurrency", type=int, default=100, help="SETTLE_CONCURRENCY")
     ap.add_argument("--status-concurrency", type=int, default=None,
                     help="SETTLE_STATUS_CONCURRENCY (default: the concurrency)")
@@ -129,8 +129,8 @@ def main():
         c.migrate()
 
         def run(wrap, **kw):
-            return batch(c, a.n, wrap, conc=a.concurrency, status_conc=a.status_concurrency,
-                         **kw)
+            return batch(c, a.n, wrap, latency_ms=a.latency, conc=a.concurrency,
+                         status_conc=a.status_concurrency, **kw)
         if a.mode == "perfstat":
             print(run(lambda pid: ["perf", "stat", "-e",
                                    "task-clock,context-switches,cpu-migrations", "-p",
@@ -142,7 +142,7 @@ def main():
             run(lambda pid: ["perf", "record", "-p", str(pid), "-F", "999", "--call-graph",
                              "dwarf,16384", "-o", os.path.join(a.out, "worker.data")])
         elif a.mode == "states":
-            print(run(None, latency_ms=a.latency, states=True))
+            print(run(None, states=True))
         elif a.mode == "perfsys":
             run(lambda pid: ["perf", "record", "-a", "-F", "999", "-g", "-o",
                              os.path.join(a.out, "system.data"), "--", "sleep", "6"])
