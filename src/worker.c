@@ -174,6 +174,8 @@ struct wjob {
     enum job_state state;
     uint64_t state_since_ns; /* uv_hrtime when it entered state */
     bool abandoned;          /* handed back at shutdown: drop when the pending call returns */
+    bool handing_back;       /* its hand-back is on its way to Redis (on_handed_back pending) */
+    bool call_returned;      /* abandoned, and its pending call returned before the hand-back */
     bool lost;               /* lease lost (heartbeat said so): the finish will be refused */
 
     struct queue_job qj; /* id, text (owned), counters, fencing token */
@@ -472,11 +474,17 @@ static void job_done(struct wjob *j)
     }
 }
 
-/* A pending call of a handed-back job returned: drop the job. Returns true when it did. */
+/* A pending call of a handed-back job returned: drop the job, or, while the hand-back itself
+ * is still on its way to Redis, leave it for on_handed_back to drop (its callback holds the
+ * job). Returns true when the job is out of the caller's hands. */
 static bool job_drop_if_abandoned(struct wjob *j)
 {
     if (!j->abandoned)
         return false;
+    if (j->handing_back) {
+        j->call_returned = true;
+        return true;
+    }
     job_done(j);
     return true;
 }
@@ -2258,7 +2266,8 @@ static void on_handed_back(void *arg, int status, long long result)
     /* The job may still have pool work running; it is dropped when that returns. If its
      * pending call already returned while we waited for Redis, drop it now. */
     j->abandoned = true;
-    if (j->state == JOB_FINISHING)
+    j->handing_back = false;
+    if (j->state == JOB_FINISHING || j->call_returned)
         job_done(j);
 }
 
@@ -2273,9 +2282,10 @@ static void on_grace_over(uv_timer_t *t)
             continue;
         n++;
         j->abandoned = true;
-        if (rconn_is_up(w->cmd))
-            queue_retry(w->cmd, w->cfg->namespace_, j->q->name, j->qj.id, j->qj.deliveries, 0,
-                        false, false, on_handed_back, j);
+        /* Without the hand-back (Redis down) the lease brings the job back instead. */
+        j->handing_back = rconn_is_up(w->cmd) &&
+                          queue_retry(w->cmd, w->cfg->namespace_, j->q->name, j->qj.id,
+                                      j->qj.deliveries, 0, false, false, on_handed_back, j) == 0;
     }
     /* Their queries not yet sent never will be; those jobs are dropped when they come back. */
     if (w->pg_thread != NULL)
