@@ -58,7 +58,7 @@
 #include "settle/breaker.h"
 #include "settle/error.h"
 #include "settle/gateway.h"
-#include "settle/httpthread.h"
+#include "settle/httploop.h"
 #include "settle/job.h"
 #include "settle/log.h"
 #include "settle/metrics.h"
@@ -111,12 +111,7 @@ static const bool job_allowed[JOB_STATE_COUNT][JOB_STATE_COUNT] = {
                      [JOB_DONE] = 1},
     [JOB_STATUS_WAIT] =
         {[JOB_QUERYING] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
-    /* QUERYING -> STATUS_WAIT: a query admitted but not yet sent when the breaker opened. */
-    [JOB_QUERYING] = {[JOB_STATUS_WAIT] = 1,
-                      [JOB_STOCK] = 1,
-                      [JOB_STORING] = 1,
-                      [JOB_FINISHING] = 1,
-                      [JOB_DONE] = 1},
+    [JOB_QUERYING] = {[JOB_STOCK] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
     [JOB_STOCK] =
         {[JOB_REFUND_ENQUEUE] = 1, [JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
     [JOB_REFUND_ENQUEUE] = {[JOB_STORING] = 1, [JOB_FINISHING] = 1, [JOB_DONE] = 1},
@@ -188,7 +183,6 @@ struct wjob {
     char work_err[STORE_ERR_MAX];
     struct store_order order;
     struct gateway_result gw;
-    struct httpthread_call call; /* the status query on the HTTP thread */
     bool breaker_admitted;
 
     struct reconcile_decision d;
@@ -292,7 +286,7 @@ struct worker {
     struct wqueue queues[CONFIG_QUEUES_MAX];
     unsigned n_queues;
     struct gateway *gateway;
-    struct httpthread *pg_thread; /* PG status calls, on their own thread (libcurl multi) */
+    struct httploop *httploop; /* PG status calls on the loop (libcurl multi) */
     struct store *store;
     struct breaker breakers[BREAKER_CLASS_COUNT];
     struct reconcile_policy policy;
@@ -307,8 +301,7 @@ struct worker {
      * out (at most db_slots / 2 of a kind, at least 1). */
     struct wjob_fifo load_wait, store_wait;
     /* Reconcile jobs whose PG status query waits for a slot: at most status_slots
-     * (SETTLE_STATUS_CONCURRENCY) queries are out at once, on the HTTP thread, and as many
-     * more wait there to go out the moment a slot frees; status_busy of them now. */
+     * (SETTLE_STATUS_CONCURRENCY) queries are out at once, status_busy of them now. */
     struct wjob_fifo status_wait;
     unsigned status_slots, status_busy;
     bool status_kicking;
@@ -961,20 +954,18 @@ static struct wjob *fifo_pop(struct wjob_fifo *f)
 static void status_query(struct wjob *j);
 
 /*
- * Hands waiting jobs' status queries to the HTTP thread. It sends at most
- * SETTLE_STATUS_CONCURRENCY at once; that limit is the PG's load. A job before or after its
- * call (its order read, stock, outcome write, acknowledgement) holds no slot, so a worker
- * whose SETTLE_CONCURRENCY is above it keeps that many queries going while other jobs wait for
- * PostgreSQL or Redis. Up to as many again wait on the thread, so that a freed slot is
- * taken there at once instead of after a round trip through this loop. Not re-entered: a
- * job the breaker turns away is acted on at once, which may lead back here.
+ * Sends waiting jobs' status queries while fewer than SETTLE_STATUS_CONCURRENCY are out. That
+ * limit is the PG's load; a job before or after its call (its order read, stock, outcome
+ * write, acknowledgement) holds no slot, so a worker whose SETTLE_CONCURRENCY is above it keeps
+ * that many queries going while other jobs wait for PostgreSQL or Redis. Not re-entered: a
+ * query that ends at once calls on_queried, which kicks again.
  */
 static void status_kick(struct worker *w)
 {
     if (w->status_kicking)
         return;
     w->status_kicking = true;
-    while (w->status_wait.n > 0 && w->status_busy < 2 * w->status_slots) {
+    while (w->status_wait.n > 0 && w->status_busy < w->status_slots) {
         struct wjob *j = fifo_pop(&w->status_wait);
         if (job_drop_if_abandoned(j))
             continue;
@@ -994,10 +985,6 @@ static void breaker_note(struct worker *w, enum breaker_class cls, enum breaker_
     enum breaker_state after = w->breakers[cls].state;
     if (after == before)
         return;
-    /* Queries admitted before it opened but not sent yet stay unsent: they come back and ask
-     * the breaker again. */
-    if (cls == BREAKER_CLASS_STATUS && after == BREAKER_OPEN && w->pg_thread != NULL)
-        httpthread_cancel_waiting(w->pg_thread);
     metrics_breaker(w->metrics, breaker_class_names[cls], (int)after, breaker_state_name(after));
     log_write(after == BREAKER_OPEN ? LOG_LEVEL_WARN : LOG_LEVEL_INFO, NULL, NULL,
               "circuit breaker %s: %s -> %s (consecutive trips %u)", breaker_class_names[cls],
@@ -1047,9 +1034,11 @@ static bool breaker_admits(struct worker *w, enum breaker_class cls, uint64_t *r
 }
 
 /* The PG answered (or the query ended without an answer; j->gw says which). */
-static void status_answered(struct wjob *j)
+static void on_queried(void *arg)
 {
+    struct wjob *j = arg;
     struct worker *w = j->w;
+    w->status_busy--;
     job_breaker_record(j, BREAKER_CLASS_STATUS, 0);
     if (!job_drop_if_abandoned(j)) {
         j->pr.rand64 = retry_rand_next(&w->rand_state);
@@ -1060,47 +1049,7 @@ static void status_answered(struct wjob *j)
     status_kick(w);
 }
 
-/* Main loop: the HTTP thread is done with job j's query. UV_ECANCELED: it was never sent
- * (the breaker opened, or the shutdown grace ran out), so the job asks again or is dropped. */
-static void on_queried(struct httpthread_call *c, int status)
-{
-    struct wjob *j = c->arg;
-    struct worker *w = j->w;
-    w->status_busy--;
-    if (status != UV_ECANCELED) {
-        status_answered(j);
-        return;
-    }
-    job_breaker_record(j, BREAKER_CLASS_STATUS, UV_ECANCELED);
-    if (!job_drop_if_abandoned(j)) {
-        job_set_state(j, JOB_STATUS_WAIT);
-        fifo_push(&w->status_wait, j);
-    }
-    status_kick(w);
-}
-
-/* HTTP thread: the query's last exchange ended. */
-static void on_query_transfer_done(void *arg)
-{
-    httpthread_call_ended(arg);
-}
-
-/* HTTP thread: sends job j's query. The job's fields it reads do not change while the job is
- * QUERYING, and j->gw is the main loop's again only after on_queried. */
-static int status_call_start(struct httpthread_call *c, struct httploop *hl)
-{
-    struct wjob *j = c->arg;
-    struct worker *w = j->w;
-    /* The key the job carries wins over the one on record; reconcile_after_load has checked
-     * that they agree. */
-    const char *key =
-        j->job.transaction_key[0] != '\0' ? j->job.transaction_key : j->order.transaction_key;
-    return gateway_query_status_start(w->gateway, hl, j->job.user_id, key, j->order.id, &j->gw,
-                                      on_query_transfer_done, c);
-}
-
-/* Hands job j's PG status query to the HTTP thread (its slot is taken), unless the breaker
- * says no. */
+/* Sends job j's PG status query (its slot is taken), unless the breaker says no. */
 static void status_query(struct wjob *j)
 {
     struct worker *w = j->w;
@@ -1113,10 +1062,13 @@ static void status_query(struct wjob *j)
     j->breaker_admitted = true;
     job_set_state(j, JOB_QUERYING);
     w->status_busy++;
-    j->call.start = status_call_start;
-    j->call.done = on_queried;
-    j->call.arg = j;
-    httpthread_submit(w->pg_thread, &j->call);
+    /* On the loop (libcurl multi): no thread per PG call. The key the job carries wins over
+     * the one on record; reconcile_after_load has checked that they agree. */
+    const char *key =
+        j->job.transaction_key[0] != '\0' ? j->job.transaction_key : j->order.transaction_key;
+    if (gateway_query_status_start(w->gateway, w->httploop, j->job.user_id, key, j->order.id,
+                                   &j->gw, on_queried, j) != 0)
+        on_queried(j); /* ended at once: j->gw says why */
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -2249,11 +2201,11 @@ static void worker_close(struct worker *w)
         rconn_close(w->cmd, on_async_closed, w);
         w->cmd = NULL;
     }
-    if (w->pg_thread != NULL) {
-        /* No job is in flight any more, so no query is. */
+    if (w->httploop != NULL) {
+        /* No job is in flight any more, so no transfer is. */
         w->open_handles++;
-        httpthread_close(w->pg_thread, on_async_closed, w);
-        w->pg_thread = NULL;
+        httploop_close(w->httploop, on_async_closed, w);
+        w->httploop = NULL;
     }
 }
 
@@ -2287,9 +2239,6 @@ static void on_grace_over(uv_timer_t *t)
                           queue_retry(w->cmd, w->cfg->namespace_, j->q->name, j->qj.id,
                                       j->qj.deliveries, 0, false, false, on_handed_back, j) == 0;
     }
-    /* Their queries not yet sent never will be; those jobs are dropped when they come back. */
-    if (w->pg_thread != NULL)
-        httpthread_cancel_waiting(w->pg_thread);
     log_write(LOG_LEVEL_WARN, NULL, NULL,
               "shutdown grace of %" PRIu64 " ms over: handed %u unfinished job(s) back",
               w->cfg->shutdown_grace_ms, n);
@@ -2443,8 +2392,8 @@ int worker_run(const struct config *cfg)
         goto out_free;
     }
 
-    if (httpthread_create(&w->pg_thread, w->loop, w->status_slots) != 0) {
-        log_error("could not start the PG client's thread");
+    if (httploop_create(&w->httploop, w->loop) != 0) {
+        log_error("could not set up the PG client on the loop");
         goto out_loop;
     }
     char name[160];
