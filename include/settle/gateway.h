@@ -10,12 +10,11 @@
  * "data":{...}}. We branch on the HTTP status and meta.result, never on errorCode text.
  *
  * Threads: gateway_create/gateway_destroy on the loop thread (destroy only after every work
- * function and loop call has ended). gateway_query_status_start runs on the thread that runs
- * its httploop (the worker's HTTP thread, httpthread.h) and never blocks. The *_work functions
- * block and run only on uv pool threads; each borrows one CURL easy handle from a bounded internal
- * pool (one handle per thread at a time, CURLOPT_NOSIGNAL, connect and total timeouts, body capped
- * at body_max_bytes) and touches nothing but its arguments. gateway_parse_* and gateway_classify
- * are pure.
+ * function and loop call has ended). gateway_query_status_start runs on the loop thread and
+ * never blocks (see httploop.h). The *_work functions block and run only on uv pool threads; each
+ * borrows one CURL easy handle from a bounded internal pool (one handle per thread at a
+ * time, CURLOPT_NOSIGNAL, connect and total timeouts, body capped at body_max_bytes) and
+ * touches nothing but its arguments. gateway_parse_* and gateway_classify are pure.
  */
 #ifndef SETTLE_GATEWAY_H
 #define SETTLE_GATEWAY_H
@@ -99,9 +98,9 @@ struct httploop;
 typedef void (*gateway_call_cb)(void *arg);
 
 /*
- * hl's thread. The same query as gateway_query_status_work, driven by hl (libcurl's multi
- * interface on a libuv loop: no thread per request). Returns 0 when the query is in flight
- * (done runs later, on hl's thread, with *out final), or 1 when it ended at once (input refused, no
+ * Loop thread. The same query as gateway_query_status_work, driven by hl (libcurl's multi
+ * interface on the loop: no thread per request). Returns 0 when the query is in flight (done
+ * runs later, on the loop, with *out final), or 1 when it ended at once (input refused, no
  * free handle, out of memory: *out says why, done does not run). Never blocks.
  */
 int gateway_query_status_start(struct gateway *g, struct httploop *hl, const char *user_id,
