@@ -75,6 +75,7 @@ struct opts {
     bool seed_given;
     int64_t max_transactions;
     int64_t max_log;
+    int64_t idle_timeout_s;
 };
 
 struct injection {
@@ -2026,6 +2027,7 @@ static void usage(FILE *out)
           "  --seed N                RNG seed (default: from the clock)\n"
           "  --max-transactions N    payments kept (default 1000000; more answer 507)\n"
           "  --max-log N             request-log entries kept (default 100000)\n"
+          "  --idle-timeout-s N      close a connection idle for N s (default 120)\n"
           "  --log-level LEVEL       debug|info|warn|error (debug logs every request)\n",
           out);
 }
@@ -2042,6 +2044,7 @@ static void opts_defaults(struct opts *o)
     o->success_rate = 0.7;
     o->max_transactions = 1000000;
     o->max_log = 100000;
+    o->idle_timeout_s = CONN_TIMEOUT_S;
 }
 
 /* 0 to run, 1 when --help was printed, -1 on a usage error (already reported). A --profile
@@ -2121,6 +2124,8 @@ static int parse_args(int argc, char **argv, struct opts *o)
                 rc = parse_i64(val, 1, 100000000, &o->max_transactions);
             } else if (strcmp(name, "--max-log") == 0) {
                 rc = parse_i64(val, 1, 100000000, &o->max_log);
+            } else if (strcmp(name, "--idle-timeout-s") == 0) {
+                rc = parse_i64(val, 1, 86400, &o->idle_timeout_s);
             } else if (strcmp(name, "--log-level") == 0) {
                 enum log_level level;
                 rc = log_level_parse(val, &level);
@@ -2271,7 +2276,7 @@ int pgsim_main(int argc, char **argv)
         /* The logger goes first so libmicrohttpd reports option errors through it too. */
         flags, 0, NULL, NULL, on_request, sim, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, sim,
         MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)CONN_LIMIT,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)CONN_TIMEOUT_S, MHD_OPTION_URI_LOG_CALLBACK,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)o.idle_timeout_s, MHD_OPTION_URI_LOG_CALLBACK,
         on_uri, sim, MHD_OPTION_NOTIFY_COMPLETED, on_completed, sim, MHD_OPTION_END);
     if (daemon == NULL) {
         log_error("pgsim: cannot listen on %s", o.listen);

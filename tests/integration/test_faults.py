@@ -571,6 +571,48 @@ def test_queries_waiting_for_a_slot_are_not_sent_once_the_breaker_opens(c):
     assert depths(c)["dead"] == 0
 
 
+def cpu_seconds(pid):
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_pg_closing_idle_connections_neither_spins_nor_breaks_the_next_call(c):
+    """The worker keeps its PG connections between calls, their sockets still watched so a
+    reused connection costs no epoll change. A PG (or a load balancer) that closes idle
+    connections makes such a socket readable: the worker must stop watching it rather than
+    spin on it, and its next call must reconnect. The simulator here closes connections idle
+    for 1 s."""
+    old_args = c.pgsim_args
+    c.stop_pgsim()
+    c.pgsim_args = [*old_args, "--idle-timeout-s", "1"]
+    w = None
+    try:
+        c.start_pgsim()
+        first = seed_orders(c, 4, "idle1")
+        w = c.start_worker(c.env_for_worker(concurrency=4), name="w")
+        push_jobs(c, first)
+        wait(c, lambda: settled(c, first), 15, "the first jobs", first, alive=[w])
+        time.sleep(1.5)  # the simulator has closed the idle connections by now
+        cpu0 = cpu_seconds(w.pid)
+        time.sleep(2.0)
+        used = cpu_seconds(w.pid) - cpu0
+        assert used < 0.5, \
+            f"an idle worker used {used:.2f} s of CPU in 2 s: spinning on a closed connection?"
+        second = seed_orders(c, 4, "idle2", product=False)
+        push_jobs(c, second)
+        wait(c, lambda: settled(c, second), 15,
+             "jobs sent after the PG closed the idle connections", second, alive=[w])
+        assert_exactly_once(c, {**first, **second})
+    finally:
+        if w is not None:
+            w.stop()
+        c.stop_pgsim()
+        c.pgsim_args = old_args
+        c.start_pgsim()
+
+
 # --------------------------------------------------------------------------------------------
 # 5. Redis restart mid-run
 
