@@ -42,20 +42,12 @@
 /* Lookups read from one snapshot and can never write by accident. */
 #define BEGIN_READ_SQL "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
-/* The orders of a batch ($1, a text[]) with their payments (if any), the age computed by the
- * server; then their items in sku order, at most $2 per order. */
-#define LOAD_ORDERS_SQL                                                                            \
-    "SELECT o.id, o.user_id, o.status, coalesce(o.failure_reason, ''), "                           \
-    "o.amount_minor, o.refunded_minor, "                                                           \
-    "greatest(0, (extract(epoch FROM (now() - o.created_at)) * 1000)::bigint), "                   \
-    "o.check_count, coalesce(p.transaction_key, ''), coalesce(p.status, '') "                      \
-    "FROM orders o LEFT JOIN payments p ON p.order_id = o.id "                                     \
-    "WHERE o.id = ANY($1::text[])"
-#define LOAD_ITEMS_SQL                                                                             \
-    "SELECT order_id, sku, qty FROM (SELECT order_id, sku, qty, row_number() "                     \
-    "OVER (PARTITION BY order_id ORDER BY sku) AS n FROM order_items "                             \
-    "WHERE order_id = ANY($1::text[])) x WHERE n <= $2::integer "                                  \
-    "ORDER BY order_id, sku"
+/* The order reads of a batch, through migration 006's functions: PostgreSQL plans their
+ * queries once per connection, where these two statements, sent unnamed (for PgBouncer), were
+ * planned again for every batch. The rows are what the statements returned, by position: the
+ * orders with their payment and age; their items in sku order, at most $2 per order. */
+#define LOAD_ORDERS_SQL "SELECT * FROM settle_load_orders($1::text[])"
+#define LOAD_ITEMS_SQL "SELECT * FROM settle_load_items($1::text[], $2::integer) ORDER BY 1, 2"
 #define APPLY_OUTCOMES_SQL                                                                         \
     "SELECT o_i, o_changed, o_status, o_sqlstate, o_message "                                      \
     "FROM settle_apply_outcomes($1::jsonb)"

@@ -183,6 +183,78 @@ def test_outcome_batch_reads_orders_by_key_only(c):
     assert c.product_stock("sku-m") == 10**6 - 3
 
 
+# What the worker sent before migration 006, kept here as the reference the functions must
+# reproduce row for row.
+OLD_LOAD_ORDERS = (
+    "SELECT o.id, o.user_id, o.status, coalesce(o.failure_reason, ''), o.amount_minor, "
+    "o.refunded_minor, greatest(0, (extract(epoch FROM (now() - o.created_at)) * 1000)::bigint), "
+    "o.check_count, coalesce(p.transaction_key, ''), coalesce(p.status, '') "
+    "FROM orders o LEFT JOIN payments p ON p.order_id = o.id WHERE o.id = ANY(%s::text[]) "
+    "ORDER BY o.id")
+OLD_LOAD_ITEMS = (
+    "SELECT order_id, sku, qty FROM (SELECT order_id, sku, qty, row_number() "
+    "OVER (PARTITION BY order_id ORDER BY sku) AS n FROM order_items "
+    "WHERE order_id = ANY(%s::text[])) x WHERE n <= %s::integer ORDER BY order_id, sku")
+
+
+def test_order_load_functions_return_the_old_rows_by_key(c):
+    """The batch's order read goes through settle_load_orders/settle_load_items (migration
+    006), whose plans PostgreSQL keeps per connection. They return exactly what the two
+    statements they replace returned (an order with a payment, one without, one with more
+    items than the cap, an unknown id), in one snapshot, and their plans, logged by
+    auto_explain against 5 000 orders, reach orders, payments and items by key only."""
+    c.migrate()
+    c.add_product("sku-l1", 100)
+    c.add_product("sku-l2", 100)
+    c.add_product("sku-l3", 100)
+    n = 5000
+    c.sql("INSERT INTO orders (id, user_id, amount_minor) "
+          "SELECT 'ld-' || g, 'u1', 1000 + g FROM generate_series(1, %s) g", (n,))
+    c.sql("INSERT INTO order_items (order_id, sku, qty) "
+          "SELECT 'ld-' || g, 'sku-l1', 1 FROM generate_series(1, %s) g", (n,))
+    c.sql("INSERT INTO order_items (order_id, sku, qty) VALUES "
+          "('ld-2', 'sku-l3', 3), ('ld-2', 'sku-l2', 2)")
+    c.sql("INSERT INTO payments (order_id, transaction_key, user_id, amount_minor, status) "
+          "SELECT 'ld-' || g, 'tx-ld-' || g, 'u1', 1000 + g, 'PENDING' "
+          "FROM generate_series(1, %s) g WHERE g NOT IN (2, 3)", (n,))
+    c.sql("UPDATE orders SET status = 'FAILED', failure_reason = 'declined', check_count = 2 "
+          "WHERE id = 'ld-3'")
+    c.sql("ANALYZE")
+    ids = "{ld-1,ld-2,ld-3,no-such-order}"
+    conn = c._connect("settle")
+    try:
+        cur = conn.cursor()
+        cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        cur.execute(OLD_LOAD_ORDERS, (ids,))
+        old_orders = cur.fetchall()
+        cur.execute(OLD_LOAD_ITEMS, (ids, 2))
+        old_items = cur.fetchall()
+        for stmt in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                     "SET auto_explain.log_nested_statements = on",
+                     "SET auto_explain.log_level = notice", "SET client_min_messages = notice"):
+            cur.execute(stmt)
+        del conn.notices[:]
+        cur.execute("SELECT * FROM settle_load_orders(%s::text[]) ORDER BY 1", (ids,))
+        new_orders = cur.fetchall()
+        cur.execute("SELECT * FROM settle_load_items(%s::text[], %s::integer) ORDER BY 1, 2",
+                    (ids, 2))
+        new_items = cur.fetchall()
+        cur.execute("COMMIT")
+    finally:
+        conn.close()
+    assert len(old_orders) == 3 and old_orders[0][8] == "tx-ld-1", old_orders
+    assert new_orders == old_orders, (new_orders, old_orders)
+    # ld-2 has three items; the cap of 2 keeps the first two in sku order.
+    assert [r for r in old_items if r[0] == "ld-2"] == [("ld-2", "sku-l1", 1),
+                                                       ("ld-2", "sku-l2", 2)], old_items
+    assert new_items == old_items, (new_items, old_items)
+    plans = "".join(conn.notices)
+    assert "order_items" in plans and "orders" in plans, \
+        f"auto_explain logged no plan of the functions' queries: {plans[:500]}"
+    for table in ("orders", "payments", "order_items"):
+        assert f"Seq Scan on {table}" not in plans, plans
+
+
 def test_worker_warms_its_batch_connections_at_start(c):
     """Before any job, a started worker has opened SETTLE_DB_BATCH_CONCURRENCY + 1 PostgreSQL
     connections and run an (empty) order load and outcome batch on each, so its first jobs
