@@ -34,9 +34,9 @@ struct httploop {
     CURLM *multi;
     uv_timer_t timer;
     unsigned active;
-    unsigned open_handles;     /* timer + polls not yet closed */
-    struct hl_socket *sockets; /* open sockets (closed at httploop_close if curl did not) */
-    struct hl_socket **by_fd;  /* the same, by descriptor */
+    unsigned open_handles; /* timer + polls not yet closed */
+    /* Open sockets by descriptor (those curl did not close are closed at httploop_close). */
+    struct hl_socket **by_fd;
     size_t by_fd_len;
     bool closing;
     bool dispatching; /* inside dispatch: transfers' callbacks may be running */
@@ -49,7 +49,6 @@ struct httploop {
 struct hl_socket {
     uv_poll_t poll; /* first: the close callback frees the record through it */
     struct httploop *hl;
-    struct hl_socket *prev, *next;
     curl_socket_t fd;
     int events;   /* the poll handle's events; 0 = stopped */
     bool watched; /* curl watches it (false: parked between transfers) */
@@ -187,14 +186,7 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 /* Stops watching s and closes its poll handle (freed in handle_closed). */
 static void socket_close(struct httploop *hl, struct hl_socket *s)
 {
-    if ((size_t)s->fd < hl->by_fd_len && hl->by_fd[s->fd] == s)
-        hl->by_fd[s->fd] = NULL;
-    if (s->prev != NULL)
-        s->prev->next = s->next;
-    else
-        hl->sockets = s->next;
-    if (s->next != NULL)
-        s->next->prev = s->prev;
+    hl->by_fd[s->fd] = NULL;
     uv_poll_stop(&s->poll);
     uv_close((uv_handle_t *)&s->poll, handle_closed);
 }
@@ -233,10 +225,6 @@ static struct hl_socket *socket_open(struct httploop *hl, curl_socket_t fd)
     }
     s->poll.data = hl;
     hl->open_handles++;
-    s->next = hl->sockets;
-    if (hl->sockets != NULL)
-        hl->sockets->prev = s;
-    hl->sockets = s;
     hl->by_fd[fd] = s;
     return s;
 }
@@ -343,11 +331,14 @@ void httploop_close(struct httploop *hl, void (*on_closed)(void *arg), void *arg
     hl->closing = true;
     hl->on_closed = on_closed;
     hl->closed_arg = arg;
-    /* Closes cached connections; their sockets' polls are closed from on_curl_socket. */
+    /* Closes cached connections; their sockets' polls are closed from on_curl_close_socket,
+     * and any socket still open after that here. */
     curl_multi_cleanup(hl->multi);
     hl->multi = NULL;
-    while (hl->sockets != NULL)
-        socket_close(hl, hl->sockets);
+    for (size_t fd = 0; fd < hl->by_fd_len; fd++) {
+        if (hl->by_fd[fd] != NULL)
+            socket_close(hl, hl->by_fd[fd]);
+    }
     uv_timer_stop(&hl->timer);
     uv_close((uv_handle_t *)&hl->timer, handle_closed);
 }
