@@ -1007,20 +1007,23 @@ void config_redact_url(const char *url, char *out, size_t out_len)
     if (at_redis != NULL && at_redis != at_pg)
         span_userinfo(&sp, url, from, at_redis);
     /* Query parameters whose (percent-decoded) key names a password, in the query libpq
-     * sees (from the first '?' after the authority) and after a Redis-style last '@'. */
+     * sees (from the first '?' after the authority) and after a Redis-style last '@'. libpq
+     * has no fragment: a '#' is part of a value, and "?user=a#b&password=x" sends password x.
+     * So keys are looked for after '&' and after '#' alike, and a secret value runs to the
+     * next '&' whatever it holds. */
     const char *queries[2] = {strchr(url + auth_end, '?'),
                               at_redis != NULL ? strchr(at_redis, '?') : NULL};
     for (int qi = 0; qi < 2; qi++) {
         if (queries[qi] == NULL || (qi == 1 && queries[1] == queries[0]))
             continue;
         const char *q = queries[qi] + 1;
-        while (*q != '\0' && *q != '#') {
+        while (*q != '\0') {
             size_t n = strcspn(q, "&#");
             const char *eq = memchr(q, '=', n);
             if (eq != NULL && query_key_is_secret(q, (size_t)(eq - q)))
-                span_add(&sp, (size_t)(eq + 1 - url), (size_t)(q + n - url));
+                span_add(&sp, (size_t)(eq + 1 - url), (size_t)(q + strcspn(q, "&") - url));
             q += n;
-            if (*q == '&')
+            if (*q != '\0')
                 q++;
         }
     }
