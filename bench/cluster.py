@@ -56,6 +56,10 @@ class BenchCluster(harness.Cluster):
         """Environment for a benchmark worker: product defaults, warn logs, no proxies."""
         o = dict(PRODUCT_DEFAULTS)
         o["log_level"] = "warn"
+        # The workers reach PostgreSQL directly, where README's advice is
+        # SETTLE_DB_PREPARED=on (its default is off for PgBouncer < 1.21); the session line
+        # says so, and BENCH_SETTLE_DB_PREPARED=off measures the default.
+        o["db_prepared"] = "on"
         # BENCH_SETTLE_X=v sets SETTLE_X=v in every benchmark worker (tuning experiments,
         # e.g. BENCH_SETTLE_DB_BATCH=16); the figure lines name them (settle_env=...).
         o.update({k[len("BENCH_"):]: v for k, v in os.environ.items()

@@ -870,6 +870,7 @@ class Suite:
                    "peer_n": a.peer_n, "peers": ",".join(a.peer_list) if a.peers_dir else "none",
                    "load1_at_start": f"{benchlib.load1():.2f}",
                    "settle": cluster.settle_bin(),
+                   "db_prepared": os.environ.get("BENCH_SETTLE_DB_PREPARED", "on"),
                    "settle_env": ",".join(f"{k[6:]}={v}" for k, v in sorted(os.environ.items())
                                           if k.startswith("BENCH_SETTLE_")) or "-"})
         self.start()

@@ -86,6 +86,8 @@ static const struct var vars[] = {
      "most jobs per order load and per outcome transaction; 1 = one job per transaction"},
     {"SETTLE_DB_BATCH_CONCURRENCY", VAR_UINT, OFF(db_batch_concurrency), "2", 1, 256, 0,
      "batched PostgreSQL transactions (loads and writes) in flight"},
+    {"SETTLE_DB_PREPARED", VAR_BOOL, OFF(db_prepared), "off", 0, 0, 0,
+     "named prepared statements for the batched transactions (not behind PgBouncer < 1.21)"},
     {"SETTLE_JOB_MAX_BYTES", VAR_U64, OFF(job_max_bytes), "65536", 128, 16777216, 0,
      "largest job accepted; larger ones go to the DLQ unparsed"},
     {"SETTLE_GATEWAY_CONNECT_TIMEOUT_MS", VAR_U64, OFF(gateway_connect_timeout_ms), "1000", 1,

@@ -2348,7 +2348,8 @@ int worker_run(const struct config *cfg)
     struct store_config scfg = {.conninfo = cfg->database_url,
                                 .pool_size = cfg->db_pool_size,
                                 .statement_timeout_ms = cfg->db_statement_timeout_ms,
-                                .connect_timeout_ms = 5000};
+                                .connect_timeout_ms = 5000,
+                                .prepared = cfg->db_prepared};
     if (store_create(&w->store, &scfg) != 0) {
         log_error("could not create the PostgreSQL pool");
         goto out_free;

@@ -43,6 +43,7 @@ struct config {
     unsigned db_pool_size;         /* SETTLE_DB_POOL_SIZE, PostgreSQL connections, 1..256 */
     unsigned db_batch;             /* SETTLE_DB_BATCH, jobs per load / outcome transaction, 1..64 */
     unsigned db_batch_concurrency; /* SETTLE_DB_BATCH_CONCURRENCY, batches in flight */
+    bool db_prepared;              /* SETTLE_DB_PREPARED on|off, default off */
     uint64_t job_max_bytes;        /* SETTLE_JOB_MAX_BYTES, default 65536 */
 
     /* Gateway (seed 001). */

@@ -35,6 +35,7 @@ struct store_config {
     unsigned pool_size;            /* connections at most */
     uint64_t statement_timeout_ms; /* SET LOCAL statement_timeout in every transaction */
     uint64_t connect_timeout_ms;   /* libpq connect_timeout (rounded up to seconds) */
+    bool prepared;                 /* the hot statements as named prepared statements */
 };
 
 struct store;

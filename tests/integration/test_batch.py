@@ -86,11 +86,11 @@ def prepare(c):
     return expect
 
 
-def run(c, batch):
+def run(c, batch, **env_extra):
     expect = prepare(c)
     env = c.env_for_worker(SETTLE_DB_BATCH=str(batch), SETTLE_DB_POOL_SIZE="2",
                            SETTLE_DB_BATCH_CONCURRENCY="1",
-                           SETTLE_CONCURRENCY="64", SETTLE_CLAIM_BATCH="64")
+                           SETTLE_CONCURRENCY="64", SETTLE_CLAIM_BATCH="64", **env_extra)
     w = c.start_worker(env)
 
     def finished():
@@ -142,6 +142,53 @@ def test_batch_of_one_is_one_job_per_transaction(c):
     buckets, count = scrape_histogram(w, "settle_db_batch_jobs", step="store")
     # Every job is stored once, the refused one twice (its dead row after the refusal).
     assert count == n_jobs + 1 and buckets["1"] == count, (buckets, count)
+
+
+def pg_log_statements(c, start, kind, name):
+    """How many statements named name PostgreSQL logged at step kind (parse, execute) past
+    byte start of its log (log_min_duration_statement = 0 logs every step with its name)."""
+    with open(c.log_path("pg.log"), "rb") as f:
+        f.seek(start)
+        text = f.read().decode("utf-8", "replace")
+    return len(re.findall(rf"duration: [0-9.]+ ms  {kind} {re.escape(name)}:", text))
+
+
+def test_prepared_statements_are_prepared_once_per_connection(c):
+    """SETTLE_DB_PREPARED=on: the same outcomes as the default, every batch statement sent by
+    name (parsed once per connection, executed per batch), and a connection PostgreSQL
+    dropped is replaced by one that prepares its own, so the next jobs still finish."""
+    c.migrate()
+    c.sql("ALTER DATABASE settle SET log_min_duration_statement = 0")
+    try:
+        start = os.path.getsize(c.log_path("pg.log"))
+        w, n_jobs = run(c, 32, SETTLE_DB_PREPARED="on")
+        names = ("settle_set_timeout", "settle_load_orders", "settle_load_items",
+                 "settle_apply_outcomes")
+        for name in names:
+            parsed = pg_log_statements(c, start, "parse", name)
+            executed = pg_log_statements(c, start, "execute", name)
+            # At most one parse per pooled connection (2) and fewer than the executions.
+            assert 1 <= parsed <= 2 and executed > parsed, (name, parsed, executed)
+        assert pg_log_statements(c, start, "parse", "<unnamed>: SELECT * FROM settle_load") == 0
+
+        # Every connection of the worker ends; the next batch must prepare on a new one.
+        c.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+              "WHERE application_name = 'settle' AND datname = 'settle'")
+        mark = os.path.getsize(c.log_path("pg.log"))
+        c.add_order("after-00", "u1", 1000, {"sku-m": 1})
+        key = c.tx_key_of(c.admin_create_tx(user_id="u1", order_id="after-00", amount=1000,
+                                            status="SUCCESS"))
+        assert c.reserve("after-00", {"sku-m": 1}).returncode == 0
+        c.push_job(Q, {"order_id": "after-00", "user_id": "u1", "transaction_key": key})
+        harness.wait_until(
+            lambda: c.sql_value("SELECT status FROM orders WHERE id = 'after-00'") == "COMPLETED",
+            20, what="the job after the connections were dropped to complete")
+        assert pg_log_statements(c, mark, "parse", "settle_apply_outcomes") >= 1
+        assert [r["result"] for r in c.job_log("after-00")] == ["completed"]
+        assert w.alive()
+        assert "26000" not in w.log_text() and "42P05" not in w.log_text()
+    finally:
+        c.sql("ALTER DATABASE settle RESET log_min_duration_statement")
 
 
 def test_outcome_batch_reads_orders_by_key_only(c):

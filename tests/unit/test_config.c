@@ -114,6 +114,7 @@ static void check_defaults(const struct config *c)
     CHECK_EQ_U64(c->breaker.open_max_ms, bd.open_max_ms);
     CHECK_EQ_INT(c->breaker.half_open_probes, bd.half_open_probes);
     CHECK_EQ_U64(c->db_statement_timeout_ms, 5000);
+    CHECK(!c->db_prepared); /* safe behind any PgBouncer */
     CHECK_EQ_U64(c->dlq_alert_size, 10000);
     CHECK_EQ_INT(c->log_level, LOG_LEVEL_INFO);
     CHECK_EQ_U64(c->run_seconds, 0);
@@ -554,7 +555,8 @@ static void test_describe(void)
         CHECK(json_is_string(json_object_get(j, "SETTLE_WORKER_ID")));
         CHECK_EQ_INT(json_integer_value(json_object_get(j, "SETTLE_DB_BATCH")), 32);
         CHECK_EQ_INT(json_integer_value(json_object_get(j, "SETTLE_DB_BATCH_CONCURRENCY")), 2);
-        CHECK_EQ_INT(json_object_size(j), 63); /* every variable */
+        CHECK_STR(json_string_value(json_object_get(j, "SETTLE_DB_PREPARED")), "off");
+        CHECK_EQ_INT(json_object_size(j), 64); /* every variable */
     }
     json_decref(j);
     CHECK_EQ_INT(config_describe(&c, buf, 16), SETTLE_ETOOBIG);
@@ -701,8 +703,10 @@ static void test_scheduled_work(void)
     clear_env();
     setenv("SETTLE_SCHEDULER", "off", 1);
     setenv("SETTLE_STOCK_SYNC_AT", "03:30", 1);
+    setenv("SETTLE_DB_PREPARED", "on", 1);
     CHECK_EQ_INT(load_env_only(&c, err, sizeof(err)), 0);
     CHECK(!c.scheduler);
+    CHECK(c.db_prepared);
     CHECK_EQ_INT(c.stock_sync_at_min, 210);
     char desc[8192];
     CHECK(config_describe(&c, desc, sizeof(desc)) > 0);
