@@ -14,7 +14,9 @@ attaches one tool to it for the measured window:
   states    the worker's mean time per job in each state (its stop log line)
   Every mode takes --latency MS (the stub's delay: 0 by default; 20 is the R20 shape),
   --concurrency C (100) and --status-concurrency S (= C); R20_pipelined is
-  states N --latency 20 --concurrency 256 --status-concurrency 100.
+  states N --latency 20 --concurrency 256 --status-concurrency 100. Every batch prints the
+  CPU per job of the worker, PostgreSQL and Redis, and Redis's commands per job (INFO
+  commandstats).
   timeline  no batch: the worker runs under strace -f -ttt and six jobs are pushed 0.3 s apart
             -> OUT/timeline.txt (one job's syscalls in order: every round trip is visible)
 
@@ -62,6 +64,7 @@ def batch(c, n, wrap, latency_ms=0, states=False, conc=100, status_conc=None):
             time.sleep(1.0)
         win = benchlib.Window({"worker": [w.pid], "pg": [c.postmaster_pid()],
                                "redis": [c.redis_pid()]}, os.getpid())
+        c.redis.config_resetstat()
         win.start()
         fixtures.release(c, "reconcile")
         harness.wait_until(lambda: c.redis.zcard(fixtures.key("inflight:reconcile")) +
@@ -81,7 +84,16 @@ def batch(c, n, wrap, latency_ms=0, states=False, conc=100, status_conc=None):
     print(f"n={n} latency_ms={latency_ms} seconds={m['seconds']:.2f} "
           f"jobs_per_s={n / m['seconds']:.0f} "
           f"worker_cpu_us_per_job={m['cpu_s']['worker'] * 1e6 / n:.0f} "
-          f"pg_cpu_us_per_job={m['cpu_s']['pg'] * 1e6 / n:.0f}")
+          f"pg_cpu_us_per_job={m['cpu_s']['pg'] * 1e6 / n:.0f} "
+          f"redis_cpu_us_per_job={m['cpu_s']['redis'] * 1e6 / n:.0f}")
+    # Redis commands per job with Redis's mean time per call (INFO commandstats, reset when
+    # the window opened). A script's time includes the commands it runs, which are also
+    # counted on their own; under CPU contention the times include waiting for a core.
+    stats = c.redis.info("commandstats")
+    print("redis " + " ".join(
+        f"{k[len('cmdstat_'):]}={v['calls'] / n:.3f}/{v['usec_per_call']:.1f}us"
+        for k, v in sorted(stats.items(), key=lambda kv: -kv[1]["calls"])
+        if v["calls"] >= n / 100))
     if states:
         out = "\n".join(ln for ln in w.log_text().splitlines()
                         if "mean ms per" in ln or "PostgreSQL load batches" in ln
