@@ -57,8 +57,8 @@
 #define SET_TIMEOUT_SQL "SELECT set_config('statement_timeout', $1, true)"
 
 /*
- * The statements every batch sends. Unnamed, PostgreSQL parses and plans each of them again
- * for every batch (migrations 004 and 006 keep the plans of what runs inside the functions,
+ * The statements every batch sends. Sent unnamed, each is parsed and planned again for every
+ * batch (migrations 004 and 006 keep the plans of what runs inside the functions,
  * not of these calls). With SETTLE_DB_PREPARED each is prepared once per connection under its
  * name and then only bound and executed: measured ~18 us of PostgreSQL CPU per job less at 30
  * jobs per batch. Off by default because PgBouncer before 1.21 in transaction pooling hands a
@@ -360,6 +360,21 @@ static int hot_send(struct session *ss, enum hot_id id, const char *const *param
     return PQsendQueryParams(ss->slot->conn, h->sql, h->n_params, NULL, params, NULL, NULL, 0);
 }
 
+/* Runs a hot statement outside a pipeline, by name when prepared; exec_params' contract
+ * without a result. */
+static int hot_exec(struct session *ss, enum hot_id id, const char *const *params)
+{
+    const struct hot_stmt *h = &hot_stmts[id];
+    PGresult *res =
+        ss->s->prepared
+            ? PQexecPrepared(ss->slot->conn, h->name, h->n_params, params, NULL, NULL, 0)
+            : PQexecParams(ss->slot->conn, h->sql, h->n_params, NULL, params, NULL, NULL, 0);
+    int rc = result_check(ss, res, false);
+
+    PQclear(res);
+    return rc;
+}
+
 /* Runs one parameterised write; *rows receives how many rows it changed. */
 static int exec_count(struct session *ss, const char *sql, int n_params, const char *const *params,
                       int64_t *rows)
@@ -528,9 +543,7 @@ static int tx_open(struct session *ss, const char *begin_sql)
 /* Opens a transaction (begin_sql) with the configured statement_timeout. */
 static int tx_begin(struct session *ss, const char *begin_sql)
 {
-    const struct hot_stmt *h = &hot_stmts[HOT_SET_TIMEOUT];
     const char *params[1] = {ss->s->statement_timeout};
-    PGresult *res;
     int rc;
 
     rc = tx_open(ss, begin_sql);
@@ -540,14 +553,8 @@ static int tx_begin(struct session *ss, const char *begin_sql)
         if (rc == 0)
             rc = tx_open(ss, begin_sql);
     }
-    if (rc != 0)
-        return rc;
-    res = ss->s->prepared
-              ? PQexecPrepared(ss->slot->conn, h->name, h->n_params, params, NULL, NULL, 0)
-              : PQexecParams(ss->slot->conn, h->sql, h->n_params, NULL, params, NULL, NULL, 0);
-    rc = result_check(ss, res, false);
-    PQclear(res);
-    return rc;
+    /* SET LOCAL statement_timeout = $1 ms. */
+    return rc != 0 ? rc : hot_exec(ss, HOT_SET_TIMEOUT, params);
 }
 
 /* Most statements in one pipelined transaction besides BEGIN, the timeout and COMMIT. */
@@ -571,17 +578,16 @@ static int pipeline_once(struct session *ss, const char *begin_sql, struct pipe_
     int total = n + 3, idx = 0, rc = 0;
     bool synced = false;
 
+    /* Until BEGIN is sent, a failure means nothing of the transaction ran. */
     *failed_at = 0;
     if (n < 0 || n > STORE_PIPE_MAX)
         return SETTLE_EINVAL;
-    *failed_at = -1;
     for (int i = 0; i < n; i++)
         ids[i + 1] = st[i].id;
     rc = hot_prepare(ss, ids, n + 1);
-    if (rc != 0) {
-        *failed_at = 0; /* nothing of the transaction ran */
+    if (rc != 0)
         return rc;
-    }
+    *failed_at = -1;
     if (PQenterPipelineMode(conn) != 1) {
         err_set(ss->err, ss->err_len, "postgresql: ", PQerrorMessage(conn));
         ss->broken = true;
