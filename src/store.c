@@ -2195,6 +2195,67 @@ static void int_texts_free(struct int_texts *t)
     t->ptr = NULL;
 }
 
+/* Most columns a record_columns insert takes. */
+#define COLUMNS_MAX 9
+
+/* A task's findings as parallel text arrays, one per column, for one INSERT ... SELECT FROM
+ * unnest(...): a run of any size is one statement. cols_make allocates; the caller fills
+ * col[k][i] (pointers it keeps alive) and passes them to record_columns; cols_free always. */
+struct columns {
+    int ncols;
+    const char **col[COLUMNS_MAX];
+    char *lit[COLUMNS_MAX]; /* the array literals, made by record_columns */
+};
+
+static int cols_make(struct columns *c, int ncols, size_t n)
+{
+    memset(c, 0, sizeof(*c));
+    if (ncols < 1 || ncols > COLUMNS_MAX)
+        return SETTLE_EINVAL;
+    c->ncols = ncols;
+    for (int k = 0; k < ncols; k++) {
+        c->col[k] = calloc(n, sizeof(*c->col[k]));
+        if (c->col[k] == NULL)
+            return SETTLE_ENOMEM;
+    }
+    return 0;
+}
+
+static void cols_free(struct columns *c)
+{
+    for (int k = 0; k < c->ncols; k++) {
+        free(c->col[k]);
+        free(c->lit[k]);
+    }
+    memset(c, 0, sizeof(*c));
+}
+
+/* Runs insert_sql in its own transaction with $1 = period and $2.. = the n rows' columns as
+ * array literals. The statement's ON CONFLICT keeps a repeated run period's first rows. */
+static int record_columns(struct store *s, const char *insert_sql, const char *period,
+                          struct columns *c, size_t n, char *err, size_t err_len)
+{
+    struct session ss = {0};
+    const char *params[COLUMNS_MAX + 1] = {period};
+    int rc = 0;
+
+    for (int k = 0; k < c->ncols; k++) {
+        c->lit[k] = array_literal(c->col[k], n);
+        if (c->lit[k] == NULL)
+            return SETTLE_ENOMEM;
+        params[k + 1] = c->lit[k];
+    }
+    rc = session_open(s, &ss, err, err_len);
+    if (rc == 0)
+        rc = tx_begin(&ss, BEGIN_SQL);
+    if (rc == 0)
+        rc = exec_params(&ss, insert_sql, c->ncols + 1, params, NULL);
+    if (rc == 0)
+        rc = tx_commit(&ss);
+    session_close(&ss);
+    return rc;
+}
+
 /* Columns of a task_runs row as task_row_read expects them. */
 #define TASK_COLUMNS                                                                               \
     "r.period, coalesce(r.seq, 0), r.status, " EPOCH_MS("r.started_at") ", " EPOCH_MS(             \
@@ -2823,78 +2884,49 @@ int store_orphan_decisions_work(struct store *s, const char *period,
                                 const struct store_orphan_decision *d, size_t n, char *err,
                                 size_t err_len)
 {
-    enum { COLS = 9 };
-    struct session ss = {0};
     struct int_texts amounts = {0}, created = {0};
-    const char **col[COLS] = {0};
-    char *lit[COLS] = {0};
+    struct columns c = {0};
     int rc = 0;
 
     err_clear(err, err_len);
-    if (s == NULL || period == NULL || (n > 0 && d == NULL)) {
-        rc = SETTLE_EINVAL;
-        goto out;
-    }
+    if (s == NULL || period == NULL || (n > 0 && d == NULL))
+        return SETTLE_EINVAL;
     if (n == 0)
-        goto out;
+        return 0;
     if (int_texts_make(&amounts, n, &d[0].amount_minor, sizeof(d[0]), false) != 0 ||
         int_texts_make(&created, n, &d[0].pg_created_ms, sizeof(d[0]), true) != 0) {
         rc = SETTLE_ENOMEM;
         goto out;
     }
-    for (int k = 0; k < COLS; k++) {
-        col[k] = calloc(n, sizeof(*col[k]));
-        if (col[k] == NULL) {
-            rc = SETTLE_ENOMEM;
-            goto out;
-        }
-    }
+    rc = cols_make(&c, 9, n);
+    if (rc != 0)
+        goto out;
     for (size_t i = 0; i < n; i++) {
-        col[0][i] = d[i].transaction_key;
-        col[1][i] = d[i].order_id;
-        col[2][i] = d[i].user_id;
-        col[3][i] = amounts.ptr[i];
-        col[4][i] = d[i].pg_status;
-        col[5][i] = created.ptr[i];
-        col[6][i] = d[i].order_status;
-        col[7][i] = d[i].decision;
-        col[8][i] = d[i].detail;
+        c.col[0][i] = d[i].transaction_key;
+        c.col[1][i] = d[i].order_id;
+        c.col[2][i] = d[i].user_id;
+        c.col[3][i] = amounts.ptr[i];
+        c.col[4][i] = d[i].pg_status;
+        c.col[5][i] = created.ptr[i];
+        c.col[6][i] = d[i].order_status;
+        c.col[7][i] = d[i].decision;
+        c.col[8][i] = d[i].detail;
     }
-    for (int k = 0; k < COLS; k++) {
-        lit[k] = array_literal(col[k], n);
-        if (lit[k] == NULL) {
-            rc = SETTLE_ENOMEM;
-            goto out;
-        }
-    }
-    const char *params[COLS + 1] = {period, lit[0], lit[1], lit[2], lit[3],
-                                    lit[4], lit[5], lit[6], lit[7], lit[8]};
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
-    if (rc != 0)
-        goto out;
-    /* One row per decision from parallel arrays; a repeated run period keeps its first. */
-    rc = exec_params(&ss,
-                     "INSERT INTO orphan_decisions (period, transaction_key, order_id, user_id, "
-                     "amount_minor, pg_status, pg_created_at, order_status, decision, detail) "
-                     "SELECT $1::text, k, o, u, a, ps, to_timestamp(c::double precision / 1000), "
-                     "os, dc, dt FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], "
-                     "$6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[]) "
-                     "AS x(k, o, u, a, ps, c, os, dc, dt) "
-                     "ON CONFLICT (task, period, transaction_key) DO NOTHING",
-                     COLS + 1, params, NULL);
-    if (rc == 0)
-        rc = tx_commit(&ss);
+    /* One row per decision; a repeated run period keeps its first. */
+    rc = record_columns(s,
+                        "INSERT INTO orphan_decisions (period, transaction_key, order_id, "
+                        "user_id, amount_minor, pg_status, pg_created_at, order_status, decision, "
+                        "detail) "
+                        "SELECT $1::text, k, o, u, a, ps, to_timestamp(c::double precision / "
+                        "1000), os, dc, dt FROM unnest($2::text[], $3::text[], $4::text[], "
+                        "$5::bigint[], $6::text[], $7::bigint[], $8::text[], $9::text[], "
+                        "$10::text[]) AS x(k, o, u, a, ps, c, os, dc, dt) "
+                        "ON CONFLICT (task, period, transaction_key) DO NOTHING",
+                        period, &c, n, err, err_len);
 out:
-    for (int k = 0; k < COLS; k++) {
-        free(col[k]);
-        free(lit[k]);
-    }
+    cols_free(&c);
     int_texts_free(&amounts);
     int_texts_free(&created);
-    session_close(&ss);
     return rc;
 }
 
@@ -3024,20 +3056,15 @@ int store_stock_mismatches_work(struct store *s, const char *period,
                                 const struct store_stock_mismatch *m, size_t n, char *err,
                                 size_t err_len)
 {
-    enum { COLS = 7 };
-    struct session ss = {0};
     struct int_texts on_hand = {0}, reserved = {0}, unapplied = {0}, before = {0}, after = {0};
-    const char **col[COLS] = {0};
-    char *lit[COLS] = {0};
+    struct columns c = {0};
     int rc = 0;
 
     err_clear(err, err_len);
-    if (s == NULL || period == NULL || (n > 0 && m == NULL)) {
-        rc = SETTLE_EINVAL;
-        goto out;
-    }
+    if (s == NULL || period == NULL || (n > 0 && m == NULL))
+        return SETTLE_EINVAL;
     if (n == 0)
-        goto out;
+        return 0;
     if (int_texts_make(&on_hand, n, &m[0].pg_on_hand, sizeof(m[0]), false) != 0 ||
         int_texts_make(&reserved, n, &m[0].reserved, sizeof(m[0]), false) != 0 ||
         int_texts_make(&unapplied, n, &m[0].unapplied, sizeof(m[0]), false) != 0 ||
@@ -3046,57 +3073,33 @@ int store_stock_mismatches_work(struct store *s, const char *period,
         rc = SETTLE_ENOMEM;
         goto out;
     }
-    for (int k = 0; k < COLS; k++) {
-        col[k] = calloc(n, sizeof(*col[k]));
-        if (col[k] == NULL) {
-            rc = SETTLE_ENOMEM;
-            goto out;
-        }
-    }
+    rc = cols_make(&c, 7, n);
+    if (rc != 0)
+        goto out;
     for (size_t i = 0; i < n; i++) {
-        col[0][i] = m[i].sku;
-        col[1][i] = on_hand.ptr[i];
-        col[2][i] = reserved.ptr[i];
-        col[3][i] = unapplied.ptr[i];
-        col[4][i] = before.ptr[i];
-        col[5][i] = after.ptr[i];
-        col[6][i] = m[i].repaired ? "true" : "false";
+        c.col[0][i] = m[i].sku;
+        c.col[1][i] = on_hand.ptr[i];
+        c.col[2][i] = reserved.ptr[i];
+        c.col[3][i] = unapplied.ptr[i];
+        c.col[4][i] = before.ptr[i];
+        c.col[5][i] = after.ptr[i];
+        c.col[6][i] = m[i].repaired ? "true" : "false";
     }
-    for (int k = 0; k < COLS; k++) {
-        lit[k] = array_literal(col[k], n);
-        if (lit[k] == NULL) {
-            rc = SETTLE_ENOMEM;
-            goto out;
-        }
-    }
-    const char *params[COLS + 1] = {period, lit[0], lit[1], lit[2], lit[3], lit[4], lit[5], lit[6]};
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
-    if (rc != 0)
-        goto out;
-    /* One row per mismatched SKU from parallel arrays; a repeated run keeps its first. */
-    rc = exec_params(&ss,
-                     "INSERT INTO stock_mismatches (period, sku, pg_on_hand, reserved, unapplied, "
-                     "redis_before, redis_after, repaired) "
-                     "SELECT $1::text, * FROM unnest($2::text[], $3::bigint[], $4::bigint[], "
-                     "$5::bigint[], $6::bigint[], $7::bigint[], $8::boolean[]) "
-                     "ON CONFLICT (period, sku) DO NOTHING",
-                     COLS + 1, params, NULL);
-    if (rc == 0)
-        rc = tx_commit(&ss);
+    /* One row per mismatched SKU; a repeated run keeps its first. */
+    rc = record_columns(s,
+                        "INSERT INTO stock_mismatches (period, sku, pg_on_hand, reserved, "
+                        "unapplied, redis_before, redis_after, repaired) "
+                        "SELECT $1::text, * FROM unnest($2::text[], $3::bigint[], $4::bigint[], "
+                        "$5::bigint[], $6::bigint[], $7::bigint[], $8::boolean[]) "
+                        "ON CONFLICT (period, sku) DO NOTHING",
+                        period, &c, n, err, err_len);
 out:
-    for (int k = 0; k < COLS; k++) {
-        free(col[k]);
-        free(lit[k]);
-    }
+    cols_free(&c);
     int_texts_free(&on_hand);
     int_texts_free(&reserved);
     int_texts_free(&unapplied);
     int_texts_free(&before);
     int_texts_free(&after);
-    session_close(&ss);
     return rc;
 }
 
