@@ -3215,3 +3215,41 @@ out:
     session_close(&ss);
     return rc;
 }
+
+int store_daily_stats_last_work(struct store *s, const char *before, char out[11], bool *found,
+                                char *err, size_t err_len)
+{
+    const char *params[1] = {before};
+    struct session ss = {0};
+    PGresult *res = NULL;
+    int rc;
+
+    err_clear(err, err_len);
+    if (s == NULL || before == NULL || out == NULL || found == NULL)
+        return SETTLE_EINVAL;
+    *found = false;
+    out[0] = '\0';
+    rc = session_open(s, &ss, err, err_len);
+    if (rc != 0)
+        goto out;
+    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    if (rc != 0)
+        goto out;
+    /* By the date primary key: one index probe. */
+    rc = exec_params(&ss, "SELECT max(date)::text FROM daily_stats WHERE date < $1::date", 1,
+                     params, &res);
+    if (rc == 0 && !PQgetisnull(res, 0, 0)) {
+        if (copy_text(out, 11, PQgetvalue(res, 0, 0))) {
+            err_set(err, err_len, "postgresql: ", "unexpected date in daily_stats");
+            rc = SETTLE_EPARSE;
+        } else {
+            *found = true;
+        }
+    }
+    if (rc == 0)
+        rc = tx_commit(&ss);
+out:
+    PQclear(res);
+    session_close(&ss);
+    return rc;
+}

@@ -1814,6 +1814,69 @@ out:;
  * per date (ON CONFLICT DO NOTHING), so a second run for the same date changes nothing;
  * --force recomputes it.
  */
+
+/*
+ * A scheduled run first writes the days no run covered (every worker down across a
+ * SETTLE_DAILY_STATS_AT): those after the latest day with a row and before `date`, at most
+ * TASKS_BACKFILL_DAYS of them (the most recent). With no row at all there is nothing to catch
+ * up on: a new installation starts with yesterday. Each day is written like the day itself,
+ * once, so a back-fill that races another or is repeated changes nothing.
+ */
+static int daily_stats_backfill(struct trun *t, const char *date)
+{
+    char last[TASKS_DATE_LEN], day[TASKS_DATE_LEN], first[TASKS_DATE_LEN];
+    char err[STORE_ERR_MAX];
+    bool found = false;
+    json_t *filled = json_array();
+    int rc;
+
+    if (filled == NULL)
+        return SETTLE_ENOMEM;
+    json_object_set_new(t->sum, "backfilled", filled);
+    rc = store_daily_stats_last_work(t->env->store, date, last, &found, err, sizeof(err));
+    if (rc != 0) {
+        trun_fail(t, "daily statistics before %s: %s", date,
+                  err[0] != '\0' ? err : settle_strerror(rc));
+        return rc;
+    }
+    if (!found)
+        return 0;
+    rc = tasks_date_shift(last, 1, day);
+    if (rc == 0)
+        rc = tasks_date_shift(date, -TASKS_BACKFILL_DAYS, first);
+    if (rc != 0) {
+        trun_fail(t, "no day after %s", last);
+        return rc;
+    }
+    if (strcmp(day, first) < 0)
+        memcpy(day, first, sizeof(day));
+    /* ISO dates order as text; bounded by TASKS_BACKFILL_DAYS days either way. */
+    for (int i = 0; i < TASKS_BACKFILL_DAYS && strcmp(day, date) < 0 && trun_continue(t); i++) {
+        struct store_daily_stats st;
+        bool written = false;
+        rc = store_daily_stats_work(t->env->store, day, false, t->run->dry_run, t->run->period, &st,
+                                    &written, err, sizeof(err));
+        if (rc != 0) {
+            trun_fail(t, "daily statistics of %s (back-fill): %s", day,
+                      err[0] != '\0' ? err : settle_strerror(rc));
+            return rc;
+        }
+        if (written) {
+            json_array_append_new(filled, json_string(day));
+            trun_say(t,
+                     "daily_stats back-fill date=%s created=%" PRId64 " completed=%" PRId64
+                     " revenue=%" PRId64 " -> %s",
+                     day, st.orders_created, st.orders_completed, st.revenue_minor,
+                     t->run->dry_run ? "would write" : "written");
+        }
+        rc = tasks_date_shift(day, 1, day);
+        if (rc != 0)
+            return rc;
+    }
+    /* Stopped between days: the run is recorded failed and the next one carries on. */
+    return t->why[0] != '\0' ? SETTLE_EUNAVAILABLE : 0;
+}
+
 static int task_daily_stats(struct trun *t)
 {
     char date[TASKS_DATE_LEN];
@@ -1830,6 +1893,9 @@ static int task_daily_stats(struct trun *t)
             trun_fail(t, "no day before period %s", t->run->period);
             return rc;
         }
+        rc = daily_stats_backfill(t, date);
+        if (rc != 0)
+            return rc;
     } else {
         char today[TASKS_DATE_LEN];
         rc = tasks_daily_period(wall_ms(), 0, today);

@@ -457,4 +457,9 @@ int store_daily_stats_work(struct store *s, const char *date, bool force, bool d
                            const char *computed_by, struct store_daily_stats *out, bool *written,
                            char *err, size_t err_len);
 
+/* The latest date before `before` (YYYY-MM-DD) that has a daily_stats row: *found false when
+ * there is none, else out holds it. */
+int store_daily_stats_last_work(struct store *s, const char *before, char out[11], bool *found,
+                                char *err, size_t err_len);
+
 #endif

@@ -59,6 +59,8 @@ bool tasks_is_daily(enum tasks_id id);
 /* --- Pure scheduling policy --- */
 
 #define TASKS_DATE_LEN 11 /* "YYYY-MM-DD" + NUL */
+/* Most missed days a scheduled daily_stats run writes before its own (the most recent). */
+#define TASKS_BACKFILL_DAYS 31
 
 /* The latest interval run of a task, as far as the due check needs it. */
 struct tasks_last_run {

@@ -450,6 +450,38 @@ def test_scheduled_daily_stats_covers_yesterday_once(c):
         [(yesterday.isoformat(), 1, 1500)]
 
 
+def test_scheduled_daily_stats_back_fills_the_days_no_run_covered(c):
+    """Every worker was down across three scheduled times: the next scheduled run writes the
+    days after the latest recorded one (with their real figures), then yesterday. The recorded
+    day and the days before it are left alone, and a second worker adds nothing."""
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+
+    def ago(k):
+        return today - datetime.timedelta(days=k)
+    # The last day a run recorded, with figures no recomputation would give.
+    c.sql("INSERT INTO daily_stats (date, orders_created, orders_completed, revenue_minor, "
+          "avg_order_minor, orders_cancelled, orders_expired, orders_failed, refunds_count, "
+          "refunded_minor, computed_by) VALUES (%s, 7, 7, 7, 1, 0, 0, 0, 0, 0, 'old')", (ago(5),))
+    add_stats_order(c, "bf-3", 2500, at(ago(3), 10), "COMPLETED", at(ago(3), 10, 1))
+    add_stats_order(c, "bf-9", 900, at(ago(9), 10), "COMPLETED", at(ago(9), 10, 1))
+    e = env(c, SETTLE_SCHEDULER="on", SETTLE_DAILY_STATS_AT="00:00")
+    for i in range(2):
+        c.start_worker(e, name=f"w{i}")
+    harness.wait_until(lambda: [r["status"] for r in runs(c, "daily_stats")] == ["done"], 20,
+                       what="the scheduled daily stats")
+    time.sleep(2.5)  # a few more scheduler ticks in both workers
+    rows = runs(c, "daily_stats")
+    assert len(rows) == 1, rows
+    got = c.sql("SELECT date, orders_completed, revenue_minor, computed_by FROM daily_stats "
+                "ORDER BY date")
+    period = rows[0]["period"]
+    assert got == [(ago(5), 7, 7, "old"), (ago(4), 0, 0, period), (ago(3), 1, 2500, period),
+                   (ago(2), 0, 0, period), (ago(1), 0, 0, period)], got
+    summary = rows[0]["summary"]
+    summary = json.loads(summary) if isinstance(summary, str) else summary
+    assert summary["backfilled"] == [ago(k).isoformat() for k in (4, 3, 2)], summary
+
+
 # --------------------------------------------------------------------------------------------
 # Once per period across workers
 
