@@ -136,7 +136,8 @@ struct metrics {
     unsigned n;
     uint64_t dropped;
     int redis_up, postgres_up, draining;
-    uint64_t loop_beat_ms; /* CLOCK_MONOTONIC ms of the loop's last beat; 0 = never */
+    uint64_t loop_beat_ms;  /* CLOCK_MONOTONIC ms of the loop's last beat; 0 = never */
+    uint64_t loop_stale_ms; /* /healthz fails past this much silence */
 };
 
 /* Label values come from our own fixed vocabularies, but escape them anyway so a surprise can
@@ -224,6 +225,7 @@ int metrics_create(struct metrics **out, const char *version, unsigned concurren
     if (m == NULL)
         return SETTLE_ENOMEM;
     pthread_mutex_init(&m->mu, NULL);
+    m->loop_stale_ms = METRICS_LOOP_STALE_MS;
     char l[LABELS_MAX] = "";
     append_label(l, sizeof(l), "version", version);
     set(m, F_BUILD_INFO, l, 1);
@@ -360,6 +362,13 @@ void metrics_loop_beat(struct metrics *m, uint64_t now_ms)
     uint64_t now = monotonic_ms();
     pthread_mutex_lock(&m->mu);
     m->loop_beat_ms = now;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void metrics_set_loop_stale_ms(struct metrics *m, uint64_t ms)
+{
+    pthread_mutex_lock(&m->mu);
+    m->loop_stale_ms = ms >= 1 ? ms : 1;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -511,12 +520,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     }
     if (strcmp(url, "/healthz") == 0) {
         pthread_mutex_lock(&s->m->mu);
-        uint64_t beat = s->m->loop_beat_ms;
+        uint64_t beat = s->m->loop_beat_ms, stale_ms = s->m->loop_stale_ms;
         pthread_mutex_unlock(&s->m->mu);
         /* Before the first beat the process is starting: alive. After it, a loop that has not
-         * beaten for METRICS_LOOP_STALE_MS is wedged, and an orchestrator should restart it
-         * (its jobs come back through their leases). */
-        if (beat != 0 && monotonic_ms() - beat > METRICS_LOOP_STALE_MS) {
+         * beaten for loop_stale_ms (METRICS_LOOP_STALE_MS) is wedged, and an orchestrator should
+         * restart it (its jobs come back through their leases). */
+        if (beat != 0 && monotonic_ms() - beat > stale_ms) {
             static const char stuck[] = "{\"status\":\"loop not responding\"}\n";
             return reply(c, MHD_HTTP_SERVICE_UNAVAILABLE, "application/json", stuck,
                          sizeof(stuck) - 1);

@@ -53,6 +53,8 @@ int metrics_ready(struct metrics *m);
  * older than METRICS_LOOP_STALE_MS: the HTTP thread would otherwise vouch for a wedged loop. */
 #define METRICS_LOOP_STALE_MS 30000
 void metrics_loop_beat(struct metrics *m, uint64_t now_ms);
+/* Replaces METRICS_LOOP_STALE_MS (ms >= 1), e.g. so a test need not wait 30 s. */
+void metrics_set_loop_stale_ms(struct metrics *m, uint64_t ms);
 
 /* Renders the Prometheus text exposition (format 0.0.4) into a malloc'd buffer. 0 or
  * SETTLE_ENOMEM. Any thread. */

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "settle/metrics.h"
 #include "unit.h"
@@ -133,6 +134,19 @@ static void test_server(void)
     CHECK_EQ_INT(get(port, "/healthz", &b), 200);
     metrics_loop_beat(m, 0);
     CHECK_EQ_INT(get(port, "/healthz", &b), 200);
+    /* A loop that stops beating is reported wedged once the threshold passes, and alive again
+     * at its next beat (the threshold shortened from 30 s so the test need not wait). */
+    metrics_set_loop_stale_ms(m, 100);
+    metrics_loop_beat(m, 0);
+    CHECK_EQ_INT(get(port, "/healthz", &b), 200);
+    struct timespec pause = {.tv_sec = 0, .tv_nsec = 300 * 1000 * 1000};
+    while (nanosleep(&pause, &pause) != 0) {
+    }
+    CHECK_EQ_INT(get(port, "/healthz", &b), 503);
+    CHECK_CONTAINS(b.buf, "loop not responding");
+    metrics_loop_beat(m, 0);
+    CHECK_EQ_INT(get(port, "/healthz", &b), 200);
+    metrics_set_loop_stale_ms(m, METRICS_LOOP_STALE_MS);
     /* Not ready until both dependencies were seen up, and not while draining. */
     CHECK_EQ_INT(get(port, "/readyz", &b), 503);
     CHECK_CONTAINS(b.buf, "\"redis\":false");
