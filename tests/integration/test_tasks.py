@@ -435,9 +435,8 @@ def test_daily_stats_for_a_prepared_day_written_once(c):
     assert r.returncode == 2, r.stderr
 
 
-def test_scheduled_daily_stats_covers_yesterday_once(c):
-    yesterday = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=1)
-    add_stats_order(c, "y-1", 1500, at(yesterday, 9), "COMPLETED", at(yesterday, 9, 1))
+def scheduled_daily_stats_once(c):
+    """Two workers with the daily statistics due: exactly one run, done. Returns its row."""
     e = env(c, SETTLE_SCHEDULER="on", SETTLE_DAILY_STATS_AT="00:00")
     for i in range(2):
         c.start_worker(e, name=f"w{i}")
@@ -446,6 +445,13 @@ def test_scheduled_daily_stats_covers_yesterday_once(c):
     time.sleep(2.5)  # a few more scheduler ticks in both workers
     rows = runs(c, "daily_stats")
     assert len(rows) == 1, rows
+    return rows[0]
+
+
+def test_scheduled_daily_stats_covers_yesterday_once(c):
+    yesterday = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=1)
+    add_stats_order(c, "y-1", 1500, at(yesterday, 9), "COMPLETED", at(yesterday, 9, 1))
+    scheduled_daily_stats_once(c)
     assert c.sql("SELECT date::text, orders_completed, revenue_minor FROM daily_stats") == \
         [(yesterday.isoformat(), 1, 1500)]
 
@@ -464,20 +470,13 @@ def test_scheduled_daily_stats_back_fills_the_days_no_run_covered(c):
           "refunded_minor, computed_by) VALUES (%s, 7, 7, 7, 1, 0, 0, 0, 0, 0, 'old')", (ago(5),))
     add_stats_order(c, "bf-3", 2500, at(ago(3), 10), "COMPLETED", at(ago(3), 10, 1))
     add_stats_order(c, "bf-9", 900, at(ago(9), 10), "COMPLETED", at(ago(9), 10, 1))
-    e = env(c, SETTLE_SCHEDULER="on", SETTLE_DAILY_STATS_AT="00:00")
-    for i in range(2):
-        c.start_worker(e, name=f"w{i}")
-    harness.wait_until(lambda: [r["status"] for r in runs(c, "daily_stats")] == ["done"], 20,
-                       what="the scheduled daily stats")
-    time.sleep(2.5)  # a few more scheduler ticks in both workers
-    rows = runs(c, "daily_stats")
-    assert len(rows) == 1, rows
+    run = scheduled_daily_stats_once(c)
     got = c.sql("SELECT date, orders_completed, revenue_minor, computed_by FROM daily_stats "
                 "ORDER BY date")
-    period = rows[0]["period"]
+    period = run["period"]
     assert got == [(ago(5), 7, 7, "old"), (ago(4), 0, 0, period), (ago(3), 1, 2500, period),
                    (ago(2), 0, 0, period), (ago(1), 0, 0, period)], got
-    summary = rows[0]["summary"]
+    summary = run["summary"]
     summary = json.loads(summary) if isinstance(summary, str) else summary
     assert summary["backfilled"] == [ago(k).isoformat() for k in (4, 3, 2)], summary
 
