@@ -557,6 +557,16 @@ static int tx_begin(struct session *ss, const char *begin_sql)
     return rc != 0 ? rc : hot_exec(ss, HOT_SET_TIMEOUT, params);
 }
 
+/* Borrows a connection and opens a transaction (begin_sql, with the statement timeout) on it.
+ * The caller calls session_close either way. */
+static int session_begin(struct store *s, struct session *ss, const char *begin_sql, char *err,
+                         size_t err_len)
+{
+    int rc = session_open(s, ss, err, err_len);
+
+    return rc != 0 ? rc : tx_begin(ss, begin_sql);
+}
+
 /* Most statements in one pipelined transaction besides BEGIN, the timeout and COMMIT. */
 #define STORE_PIPE_MAX 3
 
@@ -943,10 +953,7 @@ int store_ping_work(struct store *s, char *err, size_t err_len)
         rc = SETTLE_EINVAL;
         goto out;
     }
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    rc = session_begin(s, &ss, BEGIN_READ_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* Round trip through the server. */
@@ -1198,10 +1205,7 @@ int store_list_products(struct store *s, struct store_product **out, size_t *n, 
     }
     *out = NULL;
     *n = 0;
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    rc = session_begin(s, &ss, BEGIN_READ_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* Every product's on-hand stock, in sku order. */
@@ -1790,10 +1794,7 @@ int store_refund_open_work(struct store *s, const struct job *job, const char *r
         goto out;
     }
     memset(out, 0, sizeof(*out));
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
+    rc = session_begin(s, &ss, BEGIN_SQL, err, err_len);
     if (rc != 0)
         goto out;
     rc = refund_payment_lock(&ss, job->order_id, &v);
@@ -1916,10 +1917,7 @@ int store_refund_mark_work(struct store *s, const char *refund_id, enum refund_s
     }
     const char *params[6] = {refund_id, refund_state_name(to),     pg, failure_reason,
                              msg,       refund_sources_literal(to)};
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
+    rc = session_begin(s, &ss, BEGIN_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* Moves the refund to $2 when the transition table allows it from its current state
@@ -2066,10 +2064,7 @@ int store_refund_succeed_work(struct store *s, const struct store_refund_success
     const char *lock_params[1] = {in->order_id};
     const char *ok_params[4] = {in->refund_id, pg, in->order_id,
                                 refund_sources_literal(REFUND_SUCCEEDED)};
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
+    rc = session_begin(s, &ss, BEGIN_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* Locks the payment and order rows (as the refund guard does) and reads their amounts,
@@ -2329,10 +2324,7 @@ int store_task_states_work(struct store *s, size_t n, const char *const *tasks,
         goto out;
     }
     memset(rows, 0, n * sizeof(*rows));
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    rc = session_begin(s, &ss, BEGIN_READ_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* PostgreSQL's clock: every worker schedules by it, so theirs do not need to agree. */
@@ -2428,10 +2420,7 @@ int store_task_claim_work(struct store *s, const struct store_task_claim *c, boo
     snprintf(retry, sizeof(retry), "%" PRIu64, c->retry_ms);
     snprintf(attempts, sizeof(attempts), "%u", c->max_attempts);
     const char *dry = c->dry_run ? "true" : "false";
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
+    rc = session_begin(s, &ss, BEGIN_SQL, err, err_len);
     if (rc != 0)
         goto out;
     switch (c->kind) {
@@ -2534,10 +2523,7 @@ int store_task_heartbeat_work(struct store *s, const char *task, const char *per
         rc = SETTLE_EINVAL;
         goto out;
     }
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
+    rc = session_begin(s, &ss, BEGIN_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* Shows the run is alive, while it is still this worker's. */
@@ -2578,10 +2564,7 @@ int store_task_finish_work(struct store *s, const char *task, const char *period
         goto out;
     }
     const char *params[6] = {task, period, worker, status, summary_json, clean_error};
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
+    rc = session_begin(s, &ss, BEGIN_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* Ends the run with its summary, only while it is still this worker's. */
@@ -2624,10 +2607,7 @@ int store_pending_orders_work(struct store *s, const struct store_pending_query 
     snprintf(limit, sizeof(limit), "%u", q->limit);
     snprintf(key, sizeof(key), "%d", (int)q->key);
     const char *params[5] = {age, key, q->unwatched_only ? "true" : "false", grace, limit};
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    rc = session_begin(s, &ss, BEGIN_READ_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* PENDING orders older than $1 ms, filtered by whether a transaction key is known ($2:
@@ -2704,10 +2684,7 @@ int store_expire_order_work(struct store *s, const char *order_id, const char *r
         goto out;
     }
     const char *params[2] = {order_id, reason != NULL ? reason : EXPIRE_REASON_DEFAULT};
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
+    rc = session_begin(s, &ss, BEGIN_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* PENDING -> EXPIRED, unless a transaction key was recorded meanwhile (then the order
@@ -2751,10 +2728,7 @@ int store_orders_lookup_work(struct store *s, const char *const *ids, size_t n,
         goto out;
     }
     const char *params[1] = {ids_lit};
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    rc = session_begin(s, &ss, BEGIN_READ_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* One batch of orders by id (= ANY uses the primary key), with the payment and whether
@@ -2827,10 +2801,7 @@ int store_orphan_payment_work(struct store *s, const char *order_id, const char 
     }
     snprintf(amount, sizeof(amount), "%" PRId64, amount_minor);
     const char *params[3] = {order_id, transaction_key, amount};
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
+    rc = session_begin(s, &ss, BEGIN_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* Records the captured payment of a FAILED/EXPIRED order for its full amount: a new
@@ -3141,10 +3112,7 @@ int store_daily_stats_work(struct store *s, const char *date, bool force, bool d
         goto out;
     }
     memset(out, 0, sizeof(*out));
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_SQL);
+    rc = session_begin(s, &ss, BEGIN_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* Is the date a finished UTC day? A day still running would be written once, early, and
@@ -3229,10 +3197,7 @@ int store_daily_stats_last_work(struct store *s, const char *before, char out[11
         return SETTLE_EINVAL;
     *found = false;
     out[0] = '\0';
-    rc = session_open(s, &ss, err, err_len);
-    if (rc != 0)
-        goto out;
-    rc = tx_begin(&ss, BEGIN_READ_SQL);
+    rc = session_begin(s, &ss, BEGIN_READ_SQL, err, err_len);
     if (rc != 0)
         goto out;
     /* By the date primary key: one index probe. */
